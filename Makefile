@@ -1,0 +1,38 @@
+# make serve: set up .venv and start the server on $(PORT). make test: set up and run every test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8005
+# torch is pinned so a fresh setup takes the CPU wheel where one is provided locally; on a CUDA
+# host PyPI's build of the same version runs on the GPU.
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install install-test serve test bento clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.txt
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+serve: install
+	$(BIN)/bentoml serve service:AIServer --port $(PORT)
+
+test: install-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bento: install
+	$(BIN)/bentoml build
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,18 @@
+"""The FastAPI app that BentoML mounts at "/": every route of every dialect."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api import native, system
+from api.auth import ApiKeyMiddleware
+from api.errors import install_error_handlers
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="ai-server", docs_url="/docs", openapi_url="/openapi.json")
+    app.add_middleware(ApiKeyMiddleware)
+    install_error_handlers(app)
+    for module in (native, system):
+        app.include_router(module.router)
+    return app

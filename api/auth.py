@@ -1,0 +1,33 @@
+"""API keys: when API_KEYS is set, every request but /health needs `Authorization: Bearer <key>`.
+
+A plain ASGI middleware (not BaseHTTPMiddleware), so streaming responses and client disconnects
+pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.errors import error_response
+
+_OPEN_PATHS = frozenset({"/health"})
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in _OPEN_PATHS:
+            request = Request(scope)
+            keys: list[str] = scope["app"].state.runtime.settings.api_keys
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if keys and (scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in keys)):
+                response = error_response(request, 401, "missing or invalid API key (Authorization: Bearer <key>)",
+                                          error_type="authentication_error")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,101 @@
+"""The original server's own API: /chat (JSON or SSE) and /models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from api.deps import get_runtime
+from api.streaming import SSE_MEDIA_TYPE, iso_now, stream_generation
+from runners.base import GenerationRequest, SamplingOptions
+from runners.generation import Generation, GenerationStats, start_generation
+from runners.local_cache import list_local
+from runtime import Runtime
+
+router = APIRouter(tags=["native"])
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    stream: bool = False
+
+
+def final_counts(stats: GenerationStats) -> dict[str, Any]:
+    """The Ollama-shaped statistics every final answer carries (durations in ns)."""
+    return {
+        "done_reason": stats.finish_reason,
+        "total_duration": stats.total_duration_ns,
+        "load_duration": stats.load_duration_ns,
+        "prompt_eval_count": stats.prompt_tokens,
+        "prompt_eval_duration": stats.prompt_eval_duration_ns,
+        "eval_count": stats.completion_tokens,
+        "eval_duration": stats.eval_duration_ns,
+    }
+
+
+@router.post("/chat")
+async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Any:
+    request = GenerationRequest(
+        messages=[m.model_dump() for m in body.messages],
+        options=SamplingOptions(max_tokens=body.max_tokens, temperature=body.temperature),
+    )
+    generation = await start_generation(runtime.pool, body.model, request)
+    if body.stream:
+        return stream_generation(generation, _sse_events(generation), SSE_MEDIA_TYPE)
+    text, stats = await generation.collect()
+    return {
+        "model": body.model,
+        "created_at": iso_now(generation),
+        "message": {"role": "assistant", "content": text},
+        "done": True,
+        **final_counts(stats),
+    }
+
+
+async def _sse_events(generation: Generation) -> AsyncIterator[str]:
+    def event(payload: dict[str, Any]) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    try:
+        async for chunk in generation.stream():
+            if chunk.text:
+                yield event({"delta": {"content": chunk.text}, "done": False})
+    except Exception as exc:  # after the first byte the status is sent: report in-band
+        yield event({"error": str(exc), "done": True})
+        return
+    assert generation.stats is not None
+    yield event({"delta": {}, "done": True, **final_counts(generation.stats)})
+
+
+@router.get("/models")
+async def models(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
+    listed = []
+    for local in await asyncio.to_thread(list_local):
+        entry = runtime.pool.get_loaded(local.ref.name)
+        runner = entry.runner if entry else None
+        listed.append({
+            "model": local.ref.name,
+            "loaded": entry is not None,
+            "backend": entry.backend.name if entry else None,
+            "backend_reason": entry.backend.reason if entry else None,
+            "size_bytes": local.size_bytes,
+            "local_path": str(local.path),
+            "load_duration": entry.load_duration_ns if entry else None,
+            "quantization": runner.precision.mode if runner else None,
+            "quantization_reason": runner.precision.reason if runner else None,
+            "memory_bytes": entry.memory_bytes if entry else None,
+        })
+    return {"models": listed}

@@ -1,0 +1,26 @@
+"""Streaming responses that always give the model back, even if the client vanishes early."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from runners.generation import Generation
+
+SSE_MEDIA_TYPE = "text/event-stream"
+NDJSON_MEDIA_TYPE = "application/x-ndjson"
+
+
+def stream_generation(generation: Generation, body: AsyncIterator[str], media_type: str) -> StreamingResponse:
+    """`body` formats `generation.stream()`; closing on completion releases the model lease even
+    when the client disconnects before the first chunk (the generator would then never start)."""
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body, media_type=media_type, headers=headers,
+                             background=BackgroundTask(generation.close))
+
+
+def iso_now(generation: Generation) -> str:
+    """Ollama's `created_at`: RFC 3339 in UTC with a Z."""
+    return generation.created_at.isoformat().replace("+00:00", "Z")

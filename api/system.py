@@ -1,0 +1,97 @@
+"""Operational endpoints: /status, /health, /diag."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from api.deps import get_runtime
+from runners.backend import vllm_available
+from runners.quantization import bitsandbytes_available
+from runtime import Runtime
+
+router = APIRouter(tags=["system"])
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@router.get("/status")
+async def status(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
+    pool = runtime.pool
+    return {
+        "vllm_available": vllm_available(),
+        "transformers_available": _installed("transformers"),
+        "bitsandbytes_available": bitsandbytes_available(),
+        "hf_hub_available": _installed("huggingface_hub"),
+        "device": pool.device,
+        "cache_size": len(pool.loaded()),
+        "max_cache": runtime.settings.max_cache_models,
+        "cached_models": [e.name for e in pool.loaded()],
+        "loaded_models": [
+            {
+                "model": e.name,
+                "backend": e.backend.name,
+                "backend_reason": e.backend.reason,
+                "quantization": e.runner.precision.mode,
+                "memory_bytes": e.memory_bytes,
+                "active_requests": e.active,
+                "expires_at": e.expires_at,
+            }
+            for e in pool.loaded()
+        ],
+        "memory_in_use_bytes": pool.memory_in_use(),
+        "failed_loads": pool.failed_loads(),
+        "config": runtime.settings.public(),
+    }
+
+
+@router.get("/health")
+async def health(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
+    import torch
+
+    gpu: dict[str, Any] = {"gpu_status": "unavailable", "gpu_memory_allocated_mb": 0.0, "gpu_memory_reserved_mb": 0.0}
+    cuda = torch.cuda.is_available()
+    if cuda:
+        try:
+            gpu = {
+                "gpu_status": "available",
+                "gpu_memory_allocated_mb": round(torch.cuda.memory_allocated() / 2**20, 1),
+                "gpu_memory_reserved_mb": round(torch.cuda.memory_reserved() / 2**20, 1),
+            }
+        except RuntimeError:
+            gpu["gpu_status"] = "error"
+    backends = _installed("transformers") or vllm_available()
+    return {
+        "status": "healthy" if backends else "degraded",
+        "uptime_seconds": round(time.time() - runtime.started_at, 1),
+        "models_cached": len(runtime.pool.loaded()),
+        "cache_limit": runtime.settings.max_cache_models,
+        "downloads_active": 0,
+        "downloads_queued": 0,
+        "torch_version": torch.__version__,
+        "cuda_available": cuda,
+        **gpu,
+    }
+
+
+@router.get("/diag")
+async def diag() -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        return {"torch_installed": False, "torch_version": None, "cuda_available": False, "cuda_count": 0,
+                "cuda_devices": []}
+    cuda = torch.cuda.is_available()
+    count = torch.cuda.device_count() if cuda else 0
+    return {
+        "torch_installed": True,
+        "torch_version": torch.__version__,
+        "cuda_available": cuda,
+        "cuda_count": count,
+        "cuda_devices": [{"index": i, "name": torch.cuda.get_device_name(i)} for i in range(count)],
+    }

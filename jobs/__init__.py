@@ -1,0 +1,1 @@
+"""Background pull jobs (see issue: explicit pulls as persistent jobs)."""

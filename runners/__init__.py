@@ -1,0 +1,1 @@
+"""Model execution: the Runner interface, its engines and the pool that owns them."""

@@ -1,0 +1,73 @@
+"""The one interface every engine implements, and the request/chunk types that cross it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from runners.local_cache import LocalModel
+from runners.quantization import Precision
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class SamplingOptions:
+    """Sampling settings shared by every dialect (Ollama `options`, OpenAI fields, native /chat)."""
+
+    max_tokens: int = 512
+    temperature: float = 0.7  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # fixed-length outputs for benchmarks and tests
+
+
+@dataclass
+class GenerationRequest:
+    """Either chat `messages` (rendered with the model's template) or a raw `prompt` used as-is."""
+
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+
+
+@dataclass
+class Chunk:
+    """A piece of generated text. The last chunk of a stream carries `finish_reason` and counts."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Runner(ABC):
+    """A loaded model on one engine. Concurrent `generate` calls must all make progress."""
+
+    backend: ClassVar[str]
+
+    def __init__(self, model: LocalModel, precision: Precision, device: str) -> None:
+        self.model = model
+        self.precision = precision
+        self.device = device
+
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Stream the completion; closing the iterator early cancels the request."""
+
+    @abstractmethod
+    def memory_bytes(self) -> int:
+        """Memory the loaded model occupies (weights and buffers), measured, not estimated."""
+
+    @abstractmethod
+    def unload(self) -> None:
+        """Free everything the model holds (blocking; the pool runs it in a thread)."""

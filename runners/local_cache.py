@@ -1,0 +1,131 @@
+"""The local Hugging Face cache, read without any network.
+
+Chat never downloads: this module answers "is this model pulled, completely?" and lists what is.
+It reads the hub cache layout huggingface_hub writes (`models--org--name/{refs,snapshots,blobs}`).
+A snapshot counts as pulled only when it is complete: config, every weight shard its index names,
+no dangling links, no download in progress (`.incomplete` blobs or our own pull marker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from runners.names import ModelRef
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+PULL_MARKER = ".ai-server-pull-in-progress"
+
+
+def hub_cache_dir() -> Path:
+    """Where huggingface_hub keeps repos, following its own variables (read now, not at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def repo_dir(repo_id: str) -> Path:
+    return hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A complete snapshot of one model revision in the local cache."""
+
+    ref: ModelRef
+    commit: str
+    path: Path
+    size_bytes: int
+    weight_bytes: int
+    modified_at: float
+
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+
+def find_local(ref: ModelRef) -> LocalModel | None:
+    """The complete local snapshot for `ref`, or None when it is absent or unfinished."""
+    root = repo_dir(ref.repo_id)
+    revision = ref.revision or "main"
+    ref_file = root / "refs" / revision
+    if ref_file.is_file():
+        commit = ref_file.read_text().strip()
+    elif _COMMIT.fullmatch(revision):
+        commit = revision
+    else:
+        return None
+    return _complete_snapshot(ref, root, commit)
+
+
+def list_local() -> list[LocalModel]:
+    """Every complete model snapshot in the cache that a ref (branch or tag) points to."""
+    cache = hub_cache_dir()
+    if not cache.is_dir():
+        return []
+    found: list[LocalModel] = []
+    for root in sorted(cache.glob("models--*")):
+        repo_id = root.name.removeprefix("models--").replace("--", "/")
+        refs = root / "refs"
+        for ref_file in sorted(p for p in refs.rglob("*") if p.is_file()) if refs.is_dir() else []:
+            name = ref_file.relative_to(refs).as_posix()
+            ref = ModelRef(repo_id, None if name == "main" else name)
+            local = _complete_snapshot(ref, root, ref_file.read_text().strip())
+            if local is not None:
+                found.append(local)
+    return found
+
+
+def _complete_snapshot(ref: ModelRef, root: Path, commit: str) -> LocalModel | None:
+    snapshot = root / "snapshots" / commit
+    if not _COMMIT.fullmatch(commit) or not snapshot.is_dir() or pull_in_progress(ref.repo_id):
+        return None
+    if any((root / "blobs").glob("*.incomplete")):
+        return None
+    files = [p for p in snapshot.rglob("*") if p.is_file() or p.is_symlink()]
+    if any(not p.exists() for p in files):  # dangling link: a blob went missing
+        return None
+    names = {p.relative_to(snapshot).as_posix() for p in files}
+    if "config.json" not in names or not _weights_complete(snapshot, names):
+        return None
+    size = sum(p.stat().st_size for p in files)
+    weights = sum(p.stat().st_size for p in files if p.name.endswith(_WEIGHT_SUFFIXES))
+    mtime = max(p.stat().st_mtime for p in files)
+    return LocalModel(ref, commit, snapshot, size, weights, mtime)
+
+
+def _weights_complete(snapshot: Path, names: set[str]) -> bool:
+    for index_name in _INDEX_FILES:
+        if index_name in names:
+            try:
+                shards = set(json.loads((snapshot / index_name).read_text())["weight_map"].values())
+            except (ValueError, KeyError):
+                return False
+            return shards <= names
+    return any(n.endswith(_WEIGHT_SUFFIXES) for n in names)
+
+
+def pull_in_progress(repo_id: str) -> bool:
+    return (repo_dir(repo_id) / PULL_MARKER).exists()
+
+
+@contextmanager
+def pull_marker(repo_id: str) -> Iterator[None]:
+    """Mark a repo as being pulled, so a half-downloaded snapshot is never served.
+
+    The marker survives a crash on purpose: the repo stays "not pulled" until a pull completes.
+    """
+    marker = repo_dir(repo_id) / PULL_MARKER
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    yield
+    marker.unlink(missing_ok=True)

@@ -1,0 +1,297 @@
+"""The model pool: which models are loaded, and when they load and unload.
+
+One unit owns every load decision (like Ollama's scheduler): resolve a name to a complete local
+snapshot, load it once however many requests wait for it, evict least-recently-used models to stay
+within MAX_CACHE_MODELS and MODEL_MEMORY_BUDGET_BYTES, unload idle models when their keep-alive
+passes, and refuse to retry a failed load until MODEL_LOAD_COOLDOWN has passed.
+
+Requests hold a lease while they run; a model evicted mid-request is unloaded when its last lease
+is released, so no running generation loses its model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from errors import ModelCoolingDown, ModelLoadFailed, ModelNotAllowed, ModelNotFound, ServerError
+from runners.backend import BackendChoice, choose_backend, load_runner
+from runners.base import Runner
+from runners.local_cache import LocalModel, find_local
+from runners.names import ModelRef, parse_model_name
+from runners.quantization import QuantizeRequest, bitsandbytes_available, decide_precision
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Final = _Default()
+KeepAlive = float | None | _Default  # seconds; None = forever; DEFAULT = the KEEP_ALIVE setting
+
+_CHECKPOINT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+_TARGET_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "nf4": 0.5}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    runner: Runner
+    backend: BackendChoice
+    load_duration_ns: int
+    memory_bytes: int
+    keep_alive: float | None
+    loaded_at: float = field(default_factory=time.time)
+    loaded_at_ns: int = field(default_factory=time.perf_counter_ns)
+    last_used: float = field(default_factory=time.time)
+    expires_at: float | None = None
+    active: int = 0
+    retired: bool = False  # evicted while in use: unload when the last lease goes
+
+
+@dataclass
+class LoadFailure:
+    at: float
+    error: str
+
+
+class Lease:
+    """A request's hold on a loaded model; release it exactly once (further calls are no-ops)."""
+
+    def __init__(self, pool: ModelPool, entry: LoadedModel, load_duration_ns: int) -> None:
+        self._pool = pool
+        self.entry = entry
+        self.runner = entry.runner
+        self.load_duration_ns = load_duration_ns  # this request's wait for a load; 0 if it was loaded
+        self._released = False
+
+    async def release(self) -> None:
+        if not self._released:
+            self._released = True
+            await self._pool._release(self.entry)
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if setting == "cuda" and not cuda:
+        raise RuntimeError("DEVICE=cuda, but CUDA is not available to torch")
+    return "cuda" if setting == "cuda" or (setting == "auto" and cuda) else "cpu"
+
+
+class ModelPool:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
+        self._failures: dict[str, LoadFailure] = {}
+        self._load_lock = asyncio.Lock()  # one load (and its evictions) at a time; requests never wait on it
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_expired(), name="model-pool-reaper")
+
+    async def close(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        for name in list(self._loaded):
+            await self._evict(name)
+
+    # -- requests --------------------------------------------------------------------------
+    async def acquire(self, name: str, *, quantize: QuantizeRequest = "auto", keep_alive: KeepAlive = DEFAULT) -> Lease:
+        """Lease the model `name`, loading it first if needed. Never downloads."""
+        ref = parse_model_name(name)
+        started = time.perf_counter_ns()
+        entry = self._loaded.get(ref.name)
+        while entry is None or entry.retired:  # retired: evicted by another load before we got it
+            entry = await self._load_shared(ref, quantize)
+        load_ns = 0 if started > entry.loaded_at_ns else time.perf_counter_ns() - started
+        self._loaded.move_to_end(ref.name)
+        entry.active += 1
+        entry.last_used = time.time()
+        entry.expires_at = None
+        if not isinstance(keep_alive, _Default):
+            entry.keep_alive = keep_alive
+        return Lease(self, entry, load_ns)
+
+    async def unload(self, name: str) -> bool:
+        """Unload a model now (after its running requests finish). False if it was not loaded."""
+        key = parse_model_name(name).name
+        if key not in self._loaded:
+            return False
+        await self._evict(key)
+        return True
+
+    def forget_failure(self, name: str) -> None:
+        """A fresh pull may have fixed the model: allow an immediate retry."""
+        self._failures.pop(parse_model_name(name).name, None)
+
+    # -- introspection ---------------------------------------------------------------------
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._loaded.values())
+
+    def get_loaded(self, name: str) -> LoadedModel | None:
+        return self._loaded.get(parse_model_name(name).name)
+
+    def failed_loads(self) -> dict[str, dict[str, object]]:
+        now = time.monotonic()
+        return {
+            name: {"error": f.error, "retry_in_seconds": round(f.at + self.settings.model_load_cooldown - now, 1)}
+            for name, f in self._failures.items()
+            if f.at + self.settings.model_load_cooldown > now
+        }
+
+    def memory_in_use(self) -> int:
+        return sum(e.memory_bytes for e in self._loaded.values())
+
+    # -- loading ---------------------------------------------------------------------------
+    async def _load_shared(self, ref: ModelRef, quantize: QuantizeRequest) -> LoadedModel:
+        local = find_local(ref)
+        if local is None:
+            raise ModelNotFound(
+                f"model '{ref.name}' is not pulled; pull it first (POST /pull or /api/pull with "
+                f'{{"model": "{ref.name}"}})',
+                param="model",
+            )
+        self._check_cooldown(ref.name)
+        task = self._loading.get(ref.name)
+        if task is None:
+            task = asyncio.create_task(self._load(ref.name, local, quantize), name=f"load:{ref.name}")
+            self._loading[ref.name] = task
+            task.add_done_callback(lambda _: self._loading.pop(ref.name, None))
+        # Shielded: a waiter that disconnects must not cancel the load the others wait for.
+        return await asyncio.shield(task)
+
+    def _check_cooldown(self, name: str) -> None:
+        failure = self._failures.get(name)
+        if failure is None:
+            return
+        now = time.monotonic()
+        left = failure.at + self.settings.model_load_cooldown - now
+        if left <= 0:
+            del self._failures[name]
+            return
+        raise ModelCoolingDown(
+            f"model '{name}' failed to load {now - failure.at:.0f}s ago ({failure.error}); "
+            f"it will not be retried for another {left:.0f}s (MODEL_LOAD_COOLDOWN)",
+            retry_after=left,
+        )
+
+    async def _load(self, name: str, local: LocalModel, quantize: QuantizeRequest) -> LoadedModel:
+        async with self._load_lock:
+            if name in self._loaded:  # loaded while this task waited for the lock
+                return self._loaded[name]
+            config = local.config()
+            trust = self._trust_remote_code(local, config)
+            import torch
+
+            precision = decide_precision(
+                quantize,
+                weight_bytes=local.weight_bytes,
+                threshold_bytes=self.settings.model_q4_threshold_bytes,
+                device=self.device,
+                config=config,
+                bnb_available=bitsandbytes_available(),
+                bf16_supported=self.device == "cuda" and torch.cuda.is_bf16_supported(),
+            )
+            backend = choose_backend(self.settings.backend)
+            estimate = _estimate_bytes(local, precision.mode, config)
+            await self._evict_lru(lambda: len(self._loaded) >= self.settings.max_cache_models or self._over_budget(estimate))
+            started = time.perf_counter_ns()
+            try:
+                runner = await asyncio.to_thread(load_runner, backend, local, precision, self.device, trust)
+            except ServerError:
+                raise
+            except Exception as exc:
+                self._failures[name] = LoadFailure(time.monotonic(), f"{type(exc).__name__}: {exc}")
+                log.exception("loading %s failed", name)
+                raise ModelLoadFailed(f"model '{name}' failed to load: {type(exc).__name__}: {exc}") from exc
+            entry = LoadedModel(
+                name=name,
+                runner=runner,
+                backend=backend,
+                load_duration_ns=time.perf_counter_ns() - started,
+                memory_bytes=runner.memory_bytes(),
+                keep_alive=self.settings.keep_alive,
+            )
+            log.info("loaded %s on %s (%s, %s) in %.2fs", name, backend.name, self.device, precision.mode, entry.load_duration_ns / 1e9)
+            self._loaded[name] = entry
+            # The measured size may exceed the estimate: shed older models until we fit.
+            await self._evict_lru(lambda: self._over_budget(0), keep=name)
+            return entry
+
+    def _trust_remote_code(self, local: LocalModel, config: dict) -> bool:
+        if not config.get("auto_map"):
+            return False
+        if local.ref.repo_id in self.settings.trust_remote_code_models:
+            return True
+        raise ModelNotAllowed(
+            f"model '{local.ref.repo_id}' needs trust_remote_code (it ships its own code); "
+            "add it to TRUST_REMOTE_CODE_MODELS to allow it"
+        )
+
+    def _over_budget(self, extra: int) -> bool:
+        budget = self.settings.model_memory_budget_bytes
+        return budget is not None and self.memory_in_use() + extra > budget
+
+    # -- unloading -------------------------------------------------------------------------
+    async def _evict_lru(self, needed: Callable[[], bool], keep: str | None = None) -> None:
+        """Evict least-recently-used models while `needed()` says room is still short."""
+        while needed():
+            victim = next((n for n in self._loaded if n != keep), None)
+            if victim is None:
+                return
+            log.info("evicting %s (least recently used)", victim)
+            await self._evict(victim)
+
+    async def _evict(self, name: str) -> None:
+        entry = self._loaded.pop(name, None)
+        if entry is None:
+            return
+        entry.retired = True
+        if entry.active == 0:
+            await self._unload(entry)
+
+    async def _unload(self, entry: LoadedModel) -> None:
+        await asyncio.to_thread(entry.runner.unload)
+        log.info("unloaded %s", entry.name)
+
+    async def _release(self, entry: LoadedModel) -> None:
+        entry.active -= 1
+        entry.last_used = time.time()
+        if entry.active > 0:
+            return
+        if entry.retired:
+            await self._unload(entry)
+        elif entry.keep_alive == 0:
+            await self._evict(entry.name)
+        elif entry.keep_alive is not None:
+            entry.expires_at = entry.last_used + entry.keep_alive
+
+    async def _reap_expired(self, interval: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            for entry in [e for e in self._loaded.values() if e.active == 0 and e.expires_at and e.expires_at <= now]:
+                log.info("keep-alive of %s expired", entry.name)
+                await self._evict(entry.name)
+
+
+def _estimate_bytes(local: LocalModel, mode: str, config: dict) -> int:
+    """Memory a load will take, from the checkpoint size and the target precision."""
+    stored = config.get("torch_dtype") or config.get("dtype") or "float32"
+    params = local.weight_bytes / _CHECKPOINT_BYTES.get(str(stored), 4)
+    return int(params * _TARGET_BYTES.get(mode, 0) or local.weight_bytes)
+

@@ -1,0 +1,165 @@
+"""The transformers engine: any causal LM transformers can load, on CUDA or CPU.
+
+Each request decodes in a worker thread of its own and streams chunks back to the event loop, so
+concurrent requests to one model all make progress; nothing holds a per-model lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import torch
+
+from errors import InvalidRequest
+from runners.base import Chunk, GenerationRequest, Runner
+from runners.detokenize import IncrementalDecoder, StopMatcher
+from runners.local_cache import LocalModel
+from runners.prompt import render_prompt
+from runners.quantization import Precision
+from runners.sampling import make_generator, next_token
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TransformersRunner(Runner):
+    backend = "transformers"
+
+    def __init__(
+        self, model: LocalModel, precision: Precision, device: str, hf_model: Any, tokenizer: Any
+    ) -> None:
+        super().__init__(model, precision, device)
+        self._hf_model = hf_model
+        self.tokenizer = tokenizer
+        config = hf_model.config
+        self.context_length: int = (
+            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+        )
+        eos = hf_model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self._eos_ids = frozenset(eos_ids)
+
+    @classmethod
+    def load(cls, model: LocalModel, precision: Precision, device: str, trust_remote_code: bool) -> TransformersRunner:
+        """Load from the local snapshot folder only (blocking; never touches the network)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        common = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+        tokenizer = AutoTokenizer.from_pretrained(model.path, **common)
+        kwargs: dict[str, Any] = dict(common)
+        if precision.mode == "nf4":
+            compute = torch.bfloat16 if device == "cuda" else torch.float32
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+            )
+            kwargs["device_map"] = device
+        elif precision.mode in _DTYPES:
+            kwargs["dtype"] = _DTYPES[precision.mode]
+        hf_model = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
+        if "device_map" not in kwargs:
+            hf_model.to(device)
+        hf_model.eval()
+        return cls(model, precision, device, hf_model, tokenizer)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item: Chunk | BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        worker = threading.Thread(
+            target=self._decode, args=(request, emit, cancelled), name="transformers-decode", daemon=True
+        )
+        worker.start()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            cancelled.set()
+
+    def _decode(
+        self,
+        request: GenerationRequest,
+        emit: Callable[[Chunk | BaseException], None],
+        cancelled: threading.Event,
+    ) -> None:
+        try:
+            self._decode_loop(request, emit, cancelled)
+        except BaseException as exc:  # surfaced to the awaiting request, not lost in the thread
+            emit(exc)
+
+    @torch.inference_mode()
+    def _decode_loop(
+        self,
+        request: GenerationRequest,
+        emit: Callable[[Chunk | BaseException], None],
+        cancelled: threading.Event,
+    ) -> None:
+        options = request.options
+        prompt_ids: list[int] = self.tokenizer(render_prompt(self.tokenizer, request), add_special_tokens=False)[
+            "input_ids"
+        ]
+        if not prompt_ids:
+            prompt_ids = [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id or 0]
+        room = self.context_length - len(prompt_ids)
+        if room <= 0:
+            raise InvalidRequest(
+                f"prompt is {len(prompt_ids)} tokens; the model's context is {self.context_length} tokens"
+            )
+        budget = min(options.max_tokens, room)
+        decoder, stops = IncrementalDecoder(self.tokenizer), StopMatcher(options.stop)
+        generator = make_generator(options, self.device)
+        context, generated = list(prompt_ids), []
+        finish = "length"
+        inputs = torch.tensor([prompt_ids], device=self.device)
+        past = None
+        while len(generated) < budget:
+            if cancelled.is_set():
+                finish = "cancelled"
+                break
+            out = self._hf_model(input_ids=inputs, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = next_token(out.logits[0, -1], options, context, generated, generator)
+            if token in self._eos_ids and not options.ignore_eos:
+                finish = "stop"
+                break
+            context.append(token)
+            generated.append(token)
+            text, hit_stop = stops.feed(decoder.push(token))
+            if hit_stop:
+                emit(Chunk(text))
+                finish = "stop"
+                break
+            if text:
+                emit(Chunk(text))
+            inputs = torch.tensor([[token]], device=self.device)
+        tail = "" if finish == "stop" else stops.flush()
+        emit(Chunk(tail, finish_reason=finish, prompt_tokens=len(prompt_ids), completion_tokens=len(generated)))
+
+    def memory_bytes(self) -> int:
+        return int(self._hf_model.get_memory_footprint())
+
+    def unload(self) -> None:
+        del self._hf_model
+        release_memory(self.device)
+
+
+def release_memory(device: str) -> None:
+    """Return freed tensors to the system: collect cycles, then empty CUDA's caching allocator."""
+    gc.collect()
+    if device == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()

@@ -1,0 +1,36 @@
+"""ai-server as a BentoML service: one process owns the models; the HTTP API is a mounted app.
+
+`bentoml serve` (or `make serve`) starts it. Heavy imports (torch, transformers) happen in
+`__init__`, inside the serving worker, so the supervisor process stays small.
+"""
+
+from __future__ import annotations
+
+import bentoml
+
+from api.app import create_app
+from runtime import Runtime
+from settings import load_settings
+
+app = create_app()
+
+
+@bentoml.service(
+    name="ai-server",
+    workers=1,  # one process owns the GPU and the model pool; concurrency comes from asyncio + batching
+    traffic={"timeout": 3600},  # long generations and streamed pulls
+    http={"port": 8005},
+)
+@bentoml.asgi_app(app, path="/")
+class AIServer:
+    def __init__(self) -> None:
+        self.runtime = Runtime(load_settings())
+        app.state.runtime = self.runtime
+
+    @bentoml.on_startup
+    async def start_background_work(self) -> None:
+        await self.runtime.start()
+
+    @bentoml.on_shutdown
+    async def stop_background_work(self) -> None:
+        await self.runtime.stop()

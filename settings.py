@@ -1,0 +1,132 @@
+"""The server's configuration: one typed object read from the environment.
+
+Every variable in shared/SPEC.md lives here. An invalid value stops the server at startup with a
+message naming the variable, instead of surfacing later as a confusing runtime error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+
+
+def parse_duration(value: str | int | float) -> float | None:
+    """Parse an Ollama/Go-style keep-alive duration into seconds.
+
+    Accepts numbers (seconds) and Go durations such as "5m", "1h30m", "250ms". A negative value
+    means "forever" and is returned as None.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            sign = -1.0 if text.startswith("-") else 1.0
+            body = text.lstrip("+-")
+            parts = _DURATION_PART.findall(body)
+            if not body or "".join(n + u for n, u in parts) != body:
+                raise ValueError(f"invalid duration {value!r}: use seconds or e.g. '5m', '1h', '30s'")
+            seconds = sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    return None if seconds < 0 else seconds
+
+
+def _split_list(value: object) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return list(value)  # type: ignore[arg-type]
+
+
+class Settings(BaseSettings):
+    """Server settings; each field is read from the upper-cased environment variable."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", protected_namespaces=())
+
+    max_cache_models: int = Field(2, ge=1, description="models kept loaded (LRU)")
+    model_memory_budget_bytes: int | None = Field(None, ge=1, description="memory cap for loaded models")
+    model_load_cooldown: float = Field(300.0, ge=0, description="seconds before a failed load is retried")
+    model_q4_threshold_bytes: int = Field(14_000_000_000, ge=0, description="weights above this use 4-bit under auto")
+    max_concurrent_pulls: int = Field(2, ge=1, description="simultaneous downloads")
+    pytorch_alloc_conf: str = Field("expandable_segments:True", description="CUDA allocator settings")
+    data_dir: Path = Field(Path("~/.local/share/ai-server"), description="where the job database lives")
+    database_url: str | None = Field(None, description="SQLAlchemy URL of the job store")
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    keep_alive: float | None = Field(300.0, description="seconds an idle model stays loaded; None = forever")
+    trust_remote_code_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where models run")
+
+    @field_validator("model_q4_threshold_bytes", "model_memory_budget_bytes", mode="before")
+    @classmethod
+    def _bytes_allow_float_notation(cls, value: object) -> object:
+        # "14e9" is how the original README writes the threshold.
+        if isinstance(value, str) and value.strip():
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError("must be a whole number of bytes")
+            return int(number)
+        return None if value == "" else value
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive_duration(cls, value: object) -> float | None:
+        return None if value is None else parse_duration(value)  # type: ignore[arg-type]
+
+    @field_validator("trust_remote_code_models", "api_keys", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> list[str]:
+        return _split_list(value)
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'jobs.db'}"
+
+    def public(self) -> dict[str, object]:
+        """The configuration as `/status` shows it (no secrets)."""
+        return {
+            "max_cache_models": self.max_cache_models,
+            "model_memory_budget_bytes": self.model_memory_budget_bytes,
+            "cooldown_seconds": self.model_load_cooldown,
+            "q4_threshold_bytes": self.model_q4_threshold_bytes,
+            "max_concurrent_pulls": self.max_concurrent_pulls,
+            "backend": self.backend,
+            "device": self.device,
+            "keep_alive_seconds": self.keep_alive,
+            "trust_remote_code_models": self.trust_remote_code_models,
+            "auth_enabled": bool(self.api_keys),
+        }
+
+
+class SettingsError(RuntimeError):
+    """Raised at startup when an environment variable holds an invalid value."""
+
+
+def load_settings() -> Settings:
+    """Read settings from the environment, turning validation errors into one clear message."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise SettingsError(f"invalid configuration: {problems}") from None
+    # Must be in the environment before torch initialises CUDA.
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", settings.pytorch_alloc_conf)
+    return settings
+
