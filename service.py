@@ -6,11 +6,17 @@
 
 from __future__ import annotations
 
-import bentoml
+import os
 
-from api.app import create_app
-from runtime import Runtime
-from settings import load_settings
+# huggingface_hub reads this at import and otherwise phones huggingface.co on first use; a server
+# that only touches the network for explicit pulls must not. Operators can still set it to 0.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import bentoml  # noqa: E402
+
+from api.app import create_app  # noqa: E402
+from runtime import Runtime  # noqa: E402
+from settings import load_settings  # noqa: E402
 
 app = create_app()
 

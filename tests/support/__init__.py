@@ -1,0 +1,1 @@
+"""Test helpers: tiny models, a local Hugging Face Hub, cache installation."""

@@ -1,0 +1,116 @@
+"""The real server: `bentoml serve` in a subprocess, driven over a socket with httpx."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import UNREACHABLE_HUB, chat_body
+from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "test-org/tiny-llama"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "service:AIServer", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("server did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("server")
+    # A larger tiny model, so a long generation takes long enough to observe concurrency.
+    src = build_tiny_llama(root / "src", hidden_size=128, layers=4)
+    install_into_hf_cache(src, root / "hf" / "hub", MODEL)
+    port = free_port()
+    proc = start_server({"HF_HOME": str(root / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, "DATA_DIR": str(root / "data"),
+                         "BENTOML_HOME": str(root / "bentoml")}, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serves_chat_over_http(server: str) -> None:
+    r = httpx.post(f"{server}/chat", json=chat_body(MODEL, max_tokens=4), timeout=60)
+    assert r.status_code == 200 and r.json()["done"] is True
+    assert httpx.get(f"{server}/models").json()["models"][0]["loaded"] is True
+    assert httpx.post(f"{server}/chat", json=chat_body("../x")).status_code == 400
+
+
+def test_concurrent_streams_to_one_model_both_progress(server: str) -> None:
+    """Two long streams started together: each receives tokens while the other is still going.
+    Served one after the other behind a lock, their receive windows would not overlap."""
+    httpx.post(f"{server}/chat", json=chat_body(MODEL, max_tokens=1), timeout=60)  # load first
+    windows: dict[int, list[float]] = {}
+    start = threading.Barrier(2)
+
+    def consume(i: int) -> None:
+        times: list[float] = []
+        start.wait()
+        body = chat_body(MODEL, text=f"story {i}", max_tokens=300, temperature=0, stream=True)
+        with httpx.stream("POST", f"{server}/chat", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:]).get("delta", {}).get("content"):
+                    times.append(time.monotonic())
+        windows[i] = times
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (a, b) = windows[0], windows[1]
+    assert len(a) > 50 and len(b) > 50
+    assert b[0] < a[-1] and a[0] < b[-1], "streams did not overlap: requests were serialized"
+    # Not merely touching at the edges: a good share of each stream's tokens fall inside the other's window.
+    assert sum(b[0] <= t <= b[-1] for t in a) > len(a) / 4
+
+
+def test_client_disconnect_releases_the_model(server: str) -> None:
+    body = chat_body(MODEL, max_tokens=400, stream=True)
+    with httpx.stream("POST", f"{server}/chat", json=body, timeout=60) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        [entry] = httpx.get(f"{server}/status").json()["loaded_models"]
+        if entry["active_requests"] == 0:
+            break
+        time.sleep(0.1)
+    assert entry["active_requests"] == 0
