@@ -6,12 +6,13 @@ what it yields, so errors, timings and token counts are written once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from runners.base import Chunk, FinishReason, GenerationRequest
+from runners.base import Chunk, FinishReason, GenerationRequest, TokenLogprob
 from runners.pool import DEFAULT, KeepAlive, Lease, ModelPool
 
 
@@ -82,3 +83,90 @@ async def start_generation(
     started = time.perf_counter_ns()
     lease = await pool.acquire(model, keep_alive=keep_alive)
     return Generation(model, lease, request, started)
+
+
+@dataclass
+class Completion:
+    """One finished generation of a group: its whole text, per-token logprobs if asked, and stats."""
+
+    text: str
+    logprobs: list[TokenLogprob] | None
+    stats: GenerationStats
+
+
+class GenerationGroup:
+    """Several generations answering one request (OpenAI's `n`, a list of prompts), decoding
+    concurrently, each on its own lease, streamed as one sequence of (index, chunk)."""
+
+    def __init__(self, generations: list[Generation]) -> None:
+        self.generations = generations
+        self.created_at = generations[0].created_at
+        self._pumps: list[asyncio.Task[None]] = []
+
+    async def stream(self) -> AsyncIterator[tuple[int, Chunk]]:
+        """Chunks in arrival order; each generation's own chunks stay in order."""
+        queue: asyncio.Queue[tuple[int, Chunk | Exception | None]] = asyncio.Queue()
+
+        async def pump(index: int, generation: Generation) -> None:
+            try:
+                async for chunk in generation.stream():
+                    queue.put_nowait((index, chunk))
+            except Exception as exc:  # noqa: BLE001 - re-raised by the consumer below
+                queue.put_nowait((index, exc))
+            queue.put_nowait((index, None))
+
+        self._pumps = [asyncio.create_task(pump(i, g), name=f"generation-{i}") for i, g in enumerate(self.generations)]
+        try:
+            running = len(self._pumps)
+            while running:
+                index, item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            await self.close()
+
+    async def collect(self) -> list[Completion]:
+        """Run every generation to the end (for non-streaming responses)."""
+        texts: list[list[str]] = [[] for _ in self.generations]
+        logprobs = [[] if g.request.logprobs is not None else None for g in self.generations]
+        async for index, chunk in self.stream():
+            texts[index].append(chunk.text)
+            if chunk.logprobs:
+                logprobs[index].extend(chunk.logprobs)
+        return [Completion("".join(parts), tokens, stats) for parts, tokens, stats in zip(texts, logprobs, self.stats())]
+
+    def stats(self) -> list[GenerationStats]:
+        """Each generation's statistics, once all have finished."""
+        finished = [g.stats for g in self.generations if g.stats is not None]
+        assert len(finished) == len(self.generations), "a generation has not finished"
+        return finished
+
+    async def close(self) -> None:
+        """Stop every generation still running and release every lease; safe to call again."""
+        for task in self._pumps:
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        for generation in self.generations:
+            await generation.close()
+
+
+async def start_generations(
+    pool: ModelPool, model: str, requests: list[GenerationRequest], *, keep_alive: KeepAlive = DEFAULT
+) -> GenerationGroup:
+    """Start one generation per request, together; if any cannot start, none is left holding a lease."""
+    tasks = [asyncio.create_task(start_generation(pool, model, r, keep_alive=keep_alive)) for r in requests]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is None:
+                await task.result().close()
+        raise
+    return GenerationGroup([task.result() for task in tasks])

@@ -15,14 +15,16 @@ from typing import Any
 import torch
 
 from errors import InvalidRequest
-from runners.base import Chunk, GenerationRequest, Runner
+from runners.base import Chunk, GenerationRequest, Runner, TokenLogprob
 from runners.detokenize import IncrementalDecoder, StopMatcher
 from runners.local_cache import LocalModel
 from runners.prompt import render_prompt
 from runners.quantization import Precision
 from runners.sampling import make_generator, next_token
+from runners.structured import GrammarCache
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_EMBED_BATCH = 16  # texts per forward pass when embedding
 
 
 class TransformersRunner(Runner):
@@ -43,6 +45,7 @@ class TransformersRunner(Runner):
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self._eos_ids = frozenset(eos_ids)
+        self._grammars = GrammarCache(tokenizer, config.get_text_config().vocab_size, sorted(self._eos_ids))
 
     @classmethod
     def load(cls, model: LocalModel, precision: Precision, device: str, trust_remote_code: bool) -> TransformersRunner:
@@ -108,21 +111,22 @@ class TransformersRunner(Runner):
         cancelled: threading.Event,
     ) -> None:
         options = request.options
-        prompt_ids: list[int] = self.tokenizer(render_prompt(self.tokenizer, request), add_special_tokens=False)[
-            "input_ids"
-        ]
-        if not prompt_ids:
-            prompt_ids = [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id or 0]
+        prompt_ids = self._encode(render_prompt(self.tokenizer, request), special_tokens=False, reserve=1)
         room = self.context_length - len(prompt_ids)
-        if room <= 0:
-            raise InvalidRequest(
-                f"prompt is {len(prompt_ids)} tokens; the model's context is {self.context_length} tokens"
-            )
-        budget = min(options.max_tokens, room)
+        budget = room if options.max_tokens is None else min(options.max_tokens, room)
         decoder, stops = IncrementalDecoder(self.tokenizer), StopMatcher(options.stop)
         generator = make_generator(options, self.device)
+        constraint = self._grammars.matcher(request.response_format) if request.response_format else None
+        # Log-probabilities of tokens not yet sent: they travel with the next chunk.
+        pending: list[TokenLogprob] | None = None if request.logprobs is None else []
+
+        def send(text: str, **final: Any) -> None:
+            nonlocal pending
+            emit(Chunk(text, logprobs=pending, **final))
+            pending = None if pending is None else []
+
         context, generated = list(prompt_ids), []
-        finish = "length"
+        finish, hit_stop, unsent = "length", False, ""
         inputs = torch.tensor([prompt_ids], device=self.device)
         past = None
         while len(generated) < budget:
@@ -131,22 +135,70 @@ class TransformersRunner(Runner):
                 break
             out = self._hf_model(input_ids=inputs, past_key_values=past, use_cache=True)
             past = out.past_key_values
-            token = next_token(out.logits[0, -1], options, context, generated, generator)
+            logits = out.logits[0, -1]
+            token = next_token(constraint.mask(logits) if constraint else logits, options, context, generated, generator)
+            if constraint:
+                constraint.accept(token)
             if token in self._eos_ids and not options.ignore_eos:
                 finish = "stop"
                 break
+            if pending is not None:
+                pending.append(self._logprob(logits, token, request.logprobs or 0))
             context.append(token)
             generated.append(token)
-            text, hit_stop = stops.feed(decoder.push(token))
-            if hit_stop:
-                emit(Chunk(text))
+            unsent, hit_stop = stops.feed(decoder.push(token))
+            if hit_stop or (constraint is not None and constraint.finished):
                 finish = "stop"
                 break
-            if text:
-                emit(Chunk(text))
+            if unsent:
+                send(unsent)
+                unsent = ""
             inputs = torch.tensor([[token]], device=self.device)
-        tail = "" if finish == "stop" else stops.flush()
-        emit(Chunk(tail, finish_reason=finish, prompt_tokens=len(prompt_ids), completion_tokens=len(generated)))
+        # Text held back as a possible stop sequence is output, unless a stop sequence did match.
+        tail = unsent if hit_stop else unsent + stops.flush()
+        send(tail, finish_reason=finish, prompt_tokens=len(prompt_ids), completion_tokens=len(generated))
+
+    def _encode(self, text: str, *, special_tokens: bool, reserve: int) -> list[int]:
+        """Token ids of one input, refused (400) unless `reserve` more tokens fit in the context."""
+        ids: list[int] = self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
+        if not ids:
+            ids = [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id or 0]
+        if len(ids) + reserve > self.context_length:
+            raise InvalidRequest(f"input is {len(ids)} tokens; the model's context is {self.context_length} tokens")
+        return ids
+
+    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        """The chosen token's log-probability under the model's raw distribution (before penalties,
+        temperature and grammar, like vLLM's default), with the `top` most likely tokens."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        entry = TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]))
+        if top:
+            values, ids = torch.topk(logprobs, top)
+            entry.top = [(self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
+        return entry
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        return await asyncio.to_thread(self._embed, texts)
+
+    @torch.inference_mode()
+    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean of the last hidden states over each text's tokens, L2-normalized, in batches.
+
+        Right padding with an attention mask: in a causal model the pads come after every real
+        token, so they change nothing the mean reads.
+        """
+        encoded = [self._encode(text, special_tokens=True, reserve=0) for text in texts]
+        vectors: list[list[float]] = []
+        for start in range(0, len(encoded), _EMBED_BATCH):
+            batch = encoded[start : start + _EMBED_BATCH]
+            width = max(len(ids) for ids in batch)
+            ids = torch.tensor([i + [0] * (width - len(i)) for i in batch], device=self.device)
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in batch], device=self.device)
+            hidden = self._hf_model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+            vectors.extend(torch.nn.functional.normalize(mean, dim=-1).tolist())
+        return vectors, sum(len(ids) for ids in encoded)
 
     def memory_bytes(self) -> int:
         return int(self._hf_model.get_memory_footprint())

@@ -1,0 +1,29 @@
+"""Embeddings, whatever the dialect: lease the model, embed, release, time it.
+
+Ollama's /api/embed and OpenAI's /v1/embeddings both call `embed` and only format the result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from runners.pool import DEFAULT, KeepAlive, ModelPool
+
+
+@dataclass
+class Embeddings:
+    vectors: list[list[float]]  # one L2-normalized vector per input, in input order
+    prompt_tokens: int
+    load_duration_ns: int
+    total_duration_ns: int
+
+
+async def embed(pool: ModelPool, model: str, texts: list[str], *, keep_alive: KeepAlive = DEFAULT) -> Embeddings:
+    started = time.perf_counter_ns()
+    lease = await pool.acquire(model, keep_alive=keep_alive)
+    try:
+        vectors, tokens = await lease.runner.embed(texts)
+    finally:
+        await lease.release()
+    return Embeddings(vectors, tokens, lease.load_duration_ns, time.perf_counter_ns() - started)
