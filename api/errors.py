@@ -19,14 +19,18 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403:
                  404: "not_found_error", 503: "server_error"}
 
 
+def openai_error(message: str, error_type: str, param: str | None = None) -> dict:
+    """OpenAI's error object (also sent in-band when a stream fails after it began)."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": None}}
+
+
 def error_response(
     request: Request, status: int, message: str, *, error_type: str | None = None, param: str | None = None,
     retry_after: float | None = None,
 ) -> JSONResponse:
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after else None
     if request.url.path.startswith("/v1"):
-        body: dict = {"error": {"message": message, "type": error_type or _OPENAI_TYPES.get(status, "server_error"),
-                                "param": param, "code": None}}
+        body = openai_error(message, error_type or _OPENAI_TYPES.get(status, "server_error"), param)
     else:
         body = {"error": message}
     return JSONResponse(body, status_code=status, headers=headers)

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from runners.generation import Generation
+from runners.generation import Generation, GenerationGroup
 
 SSE_MEDIA_TYPE = "text/event-stream"
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 
 
-def stream_generation(generation: Generation, body: AsyncIterator[str], media_type: str) -> StreamingResponse:
+def stream_generation(
+    generation: Generation | GenerationGroup, body: AsyncIterator[str], media_type: str
+) -> StreamingResponse:
     """`body` formats `generation.stream()`; closing on completion releases the model lease even
     when the client disconnects before the first chunk (the generator would then never start)."""
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(body, media_type=media_type, headers=headers,
                              background=BackgroundTask(generation.close))
+
+
+def sse_event(payload: dict[str, Any] | str) -> str:
+    """One server-sent event carrying JSON (or a literal such as OpenAI's `[DONE]`)."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
 def iso_now(generation: Generation) -> str:

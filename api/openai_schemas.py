@@ -1,0 +1,193 @@
+"""OpenAI API request bodies (the fields of OpenAI's API reference that this server honours).
+
+Kept apart from the serving logic, like vLLM's protocol.py. Fields OpenAI defines that cannot be
+honoured here (tools, logit_bias, audio, echo, ...) are refused with a 400 naming the field rather
+than silently ignored; harmless bookkeeping fields (user, metadata, store, ...) are accepted.
+`top_k`, `min_p`, `repetition_penalty` and `ignore_eos` are vLLM's extensions, accepted the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+MAX_LOGPROBS = 20  # vLLM's default limit
+
+
+def _unsupported(value: Any, what: str) -> Any:
+    if value:
+        raise ValueError(f"{what} is not supported by this server")
+    return value
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class JsonSchemaSpec(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # absent: any JSON object
+    strict: bool | None = None
+
+
+class ResponseFormatParam(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormatParam:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("`json_schema` is required when type is 'json_schema'")
+        return self
+
+
+class GenerationParams(BaseModel):
+    """What chat and text completions share: the model, sampling, streaming, output format."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    response_format: ResponseFormatParam | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM's extensions
+    top_k: int | None = Field(None, ge=-1)  # 0 or -1 disables
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    ignore_eos: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: Any) -> Any:
+        return _unsupported(value, "logit_bias")
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> GenerationParams:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be set when stream is true")
+        return self
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class TextPart(BaseModel):
+    type: str
+    text: str = ""
+
+    @model_validator(mode="after")
+    def _text_only(self) -> TextPart:
+        if self.type != "text":
+            raise ValueError(f"content parts of type {self.type!r} are not supported; only 'text'")
+        return self
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None: an assistant turn that only called tools
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "\n".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(GenerationParams):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+    audio: dict[str, Any] | None = None
+
+    @field_validator("tools", "functions", "audio")
+    @classmethod
+    def _no_tools_or_audio(cls, value: Any, info: Any) -> Any:
+        return _unsupported(value, info.field_name)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true")
+        return self
+
+    def token_limit(self) -> int | None:
+        """max_completion_tokens (OpenAI's newer name) wins; None: until the context is full, like vLLM."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(GenerationParams):
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _some_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("at least one prompt is required")
+        return value
+
+    @field_validator("echo", "suffix")
+    @classmethod
+    def _no_echo_or_suffix(cls, value: Any, info: Any) -> Any:
+        return _unsupported(value, info.field_name)
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("best_of is not supported by this server")
+        return value
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+    def token_limit(self) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's and vLLM's default here
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+
+class EmbeddingRequest(BaseModel):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _some_text(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts or not all(texts):
+            raise ValueError("input must be a non-empty string or a non-empty list of non-empty strings")
+        return value
+
+    @field_validator("dimensions")
+    @classmethod
+    def _no_dimensions(cls, value: int | None) -> int | None:
+        return _unsupported(value, "dimensions (the model's own size is used)")
