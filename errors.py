@@ -32,6 +32,13 @@ class ModelNotFound(ServerError):
     error_type = "not_found_error"
 
 
+class NotFound(ServerError):
+    """Something other than a model (e.g. a pull job) does not exist."""
+
+    status_code = 404
+    error_type = "not_found_error"
+
+
 class ModelNotAllowed(ServerError):
     """The model needs something the operator has not allowed (e.g. trust_remote_code)."""
 

@@ -1,0 +1,51 @@
+"""The pull job table: one row per `POST /pull`, the record a user watches and reads failures from."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from sqlalchemy import BigInteger, Text
+from sqlmodel import Field, SQLModel
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+UNFINISHED: tuple[JobStatus, ...] = ("queued", "running")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso_utc(value: datetime) -> str:
+    """ISO-8601 in UTC with a Z; a naive value (a database without time zones) is UTC already."""
+    aware = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return aware.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class PullJob(SQLModel, table=True):
+    __tablename__ = "pull_jobs"
+
+    id: str = Field(default_factory=lambda: str(uuid.uuid4()), primary_key=True)
+    model: str = Field(index=True)  # canonical name: repo id, plus ":revision" when not the default
+    revision: str | None = None
+    quantize: str = "auto"
+    init: bool = False
+    status: str = Field(default="queued", index=True)  # a JobStatus
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None  # when the latest attempt began downloading
+    finished_at: datetime | None = None
+    local_path: str | None = None  # the snapshot folder, once complete
+    preferred_quantized: bool | None = None  # would the quantize policy load it 4-bit?
+    error: str | None = Field(default=None, sa_type=Text)
+    completed_bytes: int = Field(default=0, sa_type=BigInteger)
+    total_bytes: int | None = Field(default=None, sa_type=BigInteger)
+    attempts: int = 0  # times a download started; above 1 after a restart resumed the job
+    note: str | None = Field(default=None, sa_type=Text)  # e.g. that a restart resumed the job
+    loaded: bool | None = None  # init only: did the load succeed
+    quantization: str | None = None  # init only: the precision it loaded in (nf4, bf16, ...)
+    load_error: str | None = Field(default=None, sa_type=Text)
+
+    def public(self) -> dict[str, Any]:
+        """The job as the API shows it: every field, datetimes as ISO-8601 UTC with a Z."""
+        return {k: iso_utc(v) if isinstance(v, datetime) else v for k, v in self.model_dump().items()}
