@@ -200,7 +200,7 @@ def test_response_format_json_schema_output_validates(client: openai.OpenAI) -> 
 def test_response_format_json_object_gives_json_objects(client: openai.OpenAI) -> None:
     """Any object may hold a string without end, and this random model often writes one: of many
     samples, those that finish are JSON objects, and some do finish."""
-    r = chat(client, temperature=1.0, seed=0, n=16, max_tokens=48, response_format={"type": "json_object"})
+    r = chat(client, temperature=1.0, seed=0, n=32, max_tokens=16, response_format={"type": "json_object"})
     finished = [c.message.content for c in r.choices if c.finish_reason == "stop"]
     assert finished and all(isinstance(json.loads(text), dict) for text in finished)
     assert all(c.message.content.startswith("{") for c in r.choices)

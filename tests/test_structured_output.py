@@ -68,8 +68,8 @@ async def test_json_mode_on_a_raw_prompt_of_a_model_without_template(install_mod
     """"json" means any JSON object; strings are unbounded, so only the samples that finish are parsed."""
     async with model_pool(install_model, (tiny_gpt2_dir, TINY_GPT2)) as pool:
         finished = []
-        for seed in range(12):
-            request = GenerationRequest(prompt="Data:", options=SamplingOptions(temperature=1.0, seed=seed, max_tokens=40),
+        for seed in range(48):
+            request = GenerationRequest(prompt="Data:", options=SamplingOptions(temperature=1.0, seed=seed, max_tokens=8),
                                         response_format=ResponseFormat("json"))
             text, finish = await generate(pool, TINY_GPT2, request)
             assert text.startswith("{")
