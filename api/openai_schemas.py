@@ -10,15 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 MAX_LOGPROBS = 20  # vLLM's default limit
-
-
-def _unsupported(value: Any, what: str) -> Any:
-    if value:
-        raise ValueError(f"{what} is not supported by this server")
-    return value
 
 
 class StreamOptions(BaseModel):
@@ -69,10 +63,13 @@ class GenerationParams(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=2)
     ignore_eos: bool = False
 
-    @field_validator("logit_bias")
+    @field_validator("logit_bias", "tools", "functions", "audio", "echo", "suffix", check_fields=False)
     @classmethod
-    def _no_logit_bias(cls, value: Any) -> Any:
-        return _unsupported(value, "logit_bias")
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        """Fields of OpenAI's API this server cannot honour: refused when they ask for something."""
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> GenerationParams:
@@ -113,14 +110,9 @@ class ChatCompletionRequest(GenerationParams):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     functions: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none"] | None = None
+    tool_choice: Literal["none", "auto"] | None = None  # without tools both mean plain text
     parallel_tool_calls: bool | None = None
     audio: dict[str, Any] | None = None
-
-    @field_validator("tools", "functions", "audio")
-    @classmethod
-    def _no_tools_or_audio(cls, value: Any, info: Any) -> Any:
-        return _unsupported(value, info.field_name)
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -149,11 +141,6 @@ class CompletionRequest(GenerationParams):
         if isinstance(value, list) and not value:
             raise ValueError("at least one prompt is required")
         return value
-
-    @field_validator("echo", "suffix")
-    @classmethod
-    def _no_echo_or_suffix(cls, value: Any, info: Any) -> Any:
-        return _unsupported(value, info.field_name)
 
     @field_validator("best_of")
     @classmethod
@@ -190,4 +177,6 @@ class EmbeddingRequest(BaseModel):
     @field_validator("dimensions")
     @classmethod
     def _no_dimensions(cls, value: int | None) -> int | None:
-        return _unsupported(value, "dimensions (the model's own size is used)")
+        if value is not None:
+            raise ValueError("dimensions is not supported by this server: vectors have the model's own size")
+        return value

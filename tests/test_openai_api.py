@@ -337,6 +337,29 @@ def test_bad_requests_raise_bad_request_error_before_loading(
     assert current_runtime().pool.loaded() == []  # refused before any model was loaded
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "params", "param"),
+    [
+        ("completions", {"echo": True}, "echo"),
+        ("completions", {"suffix": "end"}, "suffix"),
+        ("completions", {"best_of": 3}, "best_of"),
+        ("completions", {"prompt": []}, "prompt"),
+        ("embeddings", {"dimensions": 8}, "dimensions"),
+        ("embeddings", {"input": ""}, "input"),
+        ("embeddings", {"input": [1, 2, 3]}, None),  # token ids: of which tokenizer?
+    ],
+)
+def test_bad_completion_and_embedding_requests(client: openai.OpenAI, endpoint: str, params: dict,
+                                               param: str | None) -> None:
+    create = client.completions.create if endpoint == "completions" else client.embeddings.create
+    defaults = {"prompt": "x"} if endpoint == "completions" else {"input": "x"}
+    with pytest.raises(openai.BadRequestError) as caught:
+        create(**{"model": TINY_LLAMA, **defaults, **params})
+    assert caught.value.type == "invalid_request_error"
+    if param:
+        assert caught.value.param == param
+
+
 def test_api_keys_raise_authentication_error(serve, install_model, tiny_llama_dir: Path) -> None:
     install_model(tiny_llama_dir, TINY_LLAMA)
     http = serve(API_KEYS="secret")
