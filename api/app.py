@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api import jobs, native, system
+from api import jobs, native, ollama, openai, system
 from api.auth import ApiKeyMiddleware
 from api.errors import install_error_handlers
 
@@ -13,6 +13,6 @@ def create_app() -> FastAPI:
     app = FastAPI(title="ai-server", docs_url="/docs", openapi_url="/openapi.json")
     app.add_middleware(ApiKeyMiddleware)
     install_error_handlers(app)
-    for module in (native, system, jobs):
+    for module in (native, system, jobs, ollama, openai):
         app.include_router(module.router)
     return app

@@ -11,9 +11,11 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from api.deps import get_runtime
-from api.streaming import SSE_MEDIA_TYPE, iso_now, stream_generation
-from runners.base import GenerationRequest, SamplingOptions
-from runners.generation import Generation, GenerationStats, start_generation
+from api.ollama import final_stats
+from api.streaming import SSE_MEDIA_TYPE, started_stream, stream_generation
+from jobs.models import iso_utc
+from runners.base import Chunk, GenerationRequest, SamplingOptions
+from runners.generation import Generation, start_generation
 from runners.local_cache import list_local
 from runtime import Runtime
 
@@ -33,19 +35,6 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
-def final_counts(stats: GenerationStats) -> dict[str, Any]:
-    """The Ollama-shaped statistics every final answer carries (durations in ns)."""
-    return {
-        "done_reason": stats.finish_reason,
-        "total_duration": stats.total_duration_ns,
-        "load_duration": stats.load_duration_ns,
-        "prompt_eval_count": stats.prompt_tokens,
-        "prompt_eval_duration": stats.prompt_eval_duration_ns,
-        "eval_count": stats.completion_tokens,
-        "eval_duration": stats.eval_duration_ns,
-    }
-
-
 @router.post("/chat")
 async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Any:
     request = GenerationRequest(
@@ -54,30 +43,31 @@ async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> An
     )
     generation = await start_generation(runtime.pool, body.model, request)
     if body.stream:
-        return stream_generation(generation, _sse_events(generation), SSE_MEDIA_TYPE)
+        chunks = await started_stream(generation)
+        return stream_generation(generation, _sse_events(generation, chunks), SSE_MEDIA_TYPE)
     text, stats = await generation.collect()
     return {
         "model": body.model,
-        "created_at": iso_now(generation),
+        "created_at": iso_utc(generation.created_at),
         "message": {"role": "assistant", "content": text},
         "done": True,
-        **final_counts(stats),
+        **final_stats(stats),
     }
 
 
-async def _sse_events(generation: Generation) -> AsyncIterator[str]:
+async def _sse_events(generation: Generation, chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
     def event(payload: dict[str, Any]) -> str:
         return f"data: {json.dumps(payload)}\n\n"
 
     try:
-        async for chunk in generation.stream():
+        async for chunk in chunks:
             if chunk.text:
                 yield event({"delta": {"content": chunk.text}, "done": False})
     except Exception as exc:  # after the first byte the status is sent: report in-band
         yield event({"error": str(exc), "done": True})
         return
     assert generation.stats is not None
-    yield event({"delta": {}, "done": True, **final_counts(generation.stats)})
+    yield event({"delta": {}, "done": True, **final_stats(generation.stats)})
 
 
 @router.get("/models")

@@ -30,6 +30,19 @@ def sse_event(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def iso_now(generation: Generation) -> str:
-    """Ollama's `created_at`: RFC 3339 in UTC with a Z."""
-    return generation.created_at.isoformat().replace("+00:00", "Z")
+async def started_stream(generation: Generation) -> AsyncIterator[Chunk]:
+    """Start decoding and wait for the first chunk before any response byte is sent, so errors
+    that come before output (prompt too long, no FIM tokens, a bad schema) get a real status code."""
+    stream = generation.stream()
+    try:
+        first = await anext(stream)
+    except BaseException:
+        await stream.aclose()
+        raise
+
+    async def chained() -> AsyncIterator[Chunk]:
+        yield first
+        async for chunk in stream:
+            yield chunk
+
+    return chained()

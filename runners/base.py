@@ -47,7 +47,8 @@ class GenerationRequest:
     """Either chat `messages` (rendered with the model's template) or a raw `prompt` used as-is."""
 
     messages: list[dict[str, str]] | None = None
-    prompt: str | None = None
+    prompt: str | None = None  # with messages too: the text to use when the model has no chat template
+    suffix: str | None = None  # fill-in-the-middle: generate what goes between prompt and suffix
     options: SamplingOptions = field(default_factory=SamplingOptions)
     response_format: ResponseFormat | None = None
     logprobs: int | None = None  # None: none; n >= 0: each token's logprob and its n most likely alternatives

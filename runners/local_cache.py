@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,3 +130,60 @@ def pull_marker(repo_id: str) -> Iterator[None]:
     marker.write_text(str(os.getpid()))
     yield
     marker.unlink(missing_ok=True)
+
+
+def copy_model(source: LocalModel, destination: ModelRef) -> LocalModel:
+    """Make `destination` a second name for `source` (Ollama's copy) without duplicating weights.
+
+    The alias is an ordinary cache repo whose snapshot is a link to the source's snapshot, so
+    every lookup (and transformers itself) sees a normal, complete model.
+    """
+    root = repo_dir(destination.repo_id)
+    snapshot = root / "snapshots" / source.commit
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    if snapshot.is_symlink() or snapshot.exists():
+        _remove_path(snapshot)
+    snapshot.symlink_to(source.path.resolve(), target_is_directory=True)
+    ref_file = root / "refs" / (destination.revision or "main")
+    ref_file.parent.mkdir(parents=True, exist_ok=True)
+    ref_file.write_text(source.commit)
+    copied = find_local(destination)
+    assert copied is not None, "a fresh alias of a complete model must be complete"
+    return copied
+
+
+def delete_model(ref: ModelRef) -> bool:
+    """Remove one revision of a model from the cache: its ref, its snapshot unless another ref
+    still uses it, and blobs no snapshot links to any more. False if it was not there."""
+    root = repo_dir(ref.repo_id)
+    ref_file = root / "refs" / (ref.revision or "main")
+    if not ref_file.is_file():
+        return False
+    commit = ref_file.read_text().strip()
+    ref_file.unlink()
+    refs = root / "refs"
+    remaining = {p.read_text().strip() for p in refs.rglob("*") if p.is_file()} if refs.is_dir() else set()
+    if commit not in remaining and _COMMIT.fullmatch(commit):
+        _remove_path(root / "snapshots" / commit)
+    if not remaining:
+        _remove_path(root)
+        return True
+    _remove_orphan_blobs(root)
+    return True
+
+
+def _remove_orphan_blobs(root: Path) -> None:
+    linked = {
+        p.resolve().name for p in (root / "snapshots").rglob("*") if p.is_symlink() and not p.resolve().is_dir()
+    }
+    for blob in (root / "blobs").glob("*") if (root / "blobs").is_dir() else []:
+        if blob.name not in linked:
+            blob.unlink()
+
+
+def _remove_path(path: Path) -> None:
+    """Delete a file, a link (never what it points to) or a whole folder."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)

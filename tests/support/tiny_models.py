@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # transformers is imported lazily: importing this module stay
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
+FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")  # fill-in-the-middle, as code models have
 VOCAB_SIZE = 2000
 
 CHAT_TEMPLATE = (
@@ -67,7 +68,7 @@ def _corpus(lines: int = 6000, seed: int = 0) -> Iterator[str]:
         yield sentence
 
 
-def build_tokenizer(dst: Path, chat_template: bool) -> None:
+def build_tokenizer(dst: Path, chat_template: bool, fill_in_middle: bool = True) -> None:
     """Train a byte-level BPE tokenizer (~2k tokens) and save it as a `PreTrainedTokenizerFast` in `dst`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -78,7 +79,7 @@ def build_tokenizer(dst: Path, chat_template: bool) -> None:
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=[PAD, BOS, EOS, UNK, *ROLE_TOKENS],
+        special_tokens=[PAD, BOS, EOS, UNK, *ROLE_TOKENS, *(FIM_TOKENS if fill_in_middle else ())],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -89,7 +90,7 @@ def build_tokenizer(dst: Path, chat_template: bool) -> None:
         eos_token=EOS,
         pad_token=PAD,
         unk_token=UNK,
-        additional_special_tokens=list(ROLE_TOKENS),
+        additional_special_tokens=[*ROLE_TOKENS, *(FIM_TOKENS if fill_in_middle else ())],
         chat_template=CHAT_TEMPLATE if chat_template else None,
         model_max_length=512,
     )
@@ -141,10 +142,10 @@ def build_tiny_llama(
 
 
 def build_tiny_gpt2(dst: Path, seed: int = 0) -> Path:
-    """A random-weight `GPT2LMHeadModel` whose tokenizer has no chat template; returns `dst`."""
+    """A random-weight `GPT2LMHeadModel` whose tokenizer has no chat template and no FIM tokens."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    build_tokenizer(dst, chat_template=False)
+    build_tokenizer(dst, chat_template=False, fill_in_middle=False)
     tok = _load_tokenizer(dst)
     config = GPT2Config(
         vocab_size=len(tok),

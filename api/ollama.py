@@ -1,0 +1,306 @@
+"""The Ollama API (`/api/*`, NDJSON streaming), so Ollama clients, Open WebUI and LangChain work
+unchanged. Formats follow Ollama's docs/api.md; generation goes through the shared path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from api.deps import get_runtime
+from api.ollama_schemas import (
+    ChatRequest,
+    CopyRequest,
+    EmbedRequest,
+    GenerateRequest,
+    LegacyEmbeddingsRequest,
+    NamedModel,
+)
+from api.streaming import NDJSON_MEDIA_TYPE, started_stream, stream_generation
+from errors import InvalidRequest, ModelNotFound
+from jobs.models import iso_utc
+from runners.base import GenerationRequest
+from runners.embedding import embed
+from runners.generation import Generation, GenerationStats, start_generation
+from runners.local_cache import LocalModel, copy_model, delete_model, find_local, list_local
+from runners.model_info import ModelInfo, describe
+from runners.names import parse_model_name
+from runners.pool import KeepAlive, LoadedModel
+from runtime import Runtime
+
+router = APIRouter(tags=["ollama"])
+
+# The Ollama API level this dialect follows; clients gate features on it.
+OLLAMA_API_VERSION = "0.12.6"
+_FOREVER = datetime(2318, 1, 1, tzinfo=timezone.utc)  # what Ollama reports for "never expires"
+_PULL_POLL_SECONDS = 0.2
+
+
+def final_stats(stats: GenerationStats) -> dict[str, Any]:
+    """The statistics a final Ollama answer carries (durations in ns, counts in tokens)."""
+    return {
+        "done_reason": stats.finish_reason,
+        "total_duration": stats.total_duration_ns,
+        "load_duration": stats.load_duration_ns,
+        "prompt_eval_count": stats.prompt_tokens,
+        "prompt_eval_duration": stats.prompt_eval_duration_ns,
+        "eval_count": stats.completion_tokens,
+        "eval_duration": stats.eval_duration_ns,
+    }
+
+
+def _now() -> str:
+    return iso_utc(datetime.now(timezone.utc))
+
+
+def _local_or_404(name: str) -> LocalModel:
+    local = find_local(parse_model_name(name))
+    if local is None:
+        raise ModelNotFound(f"model '{name}' not found, try pulling it first", param="model")
+    return local
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+@router.post("/api/chat")
+async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Response:
+    if any(m.images for m in body.messages):
+        raise InvalidRequest("this model does not support images", param="messages")
+    if body.tools:
+        raise InvalidRequest("tools are not supported by this server yet", param="tools")
+    keep_alive = body.keep_alive_seconds()
+    if not body.messages:
+        return await _load_or_unload(runtime, body.model, keep_alive, {"message": _assistant("")})
+    request = GenerationRequest(
+        messages=[{"role": m.role, "content": m.content} for m in body.messages],
+        options=body.options.sampling(),
+        response_format=body.response_format(),
+    )
+    generation = await start_generation(runtime.pool, body.model, request, keep_alive=keep_alive)
+    return await _respond(body.model, generation, body.stream, lambda text: {"message": _assistant(text)})
+
+
+@router.post("/api/generate")
+async def generate(body: GenerateRequest, runtime: Runtime = Depends(get_runtime)) -> Response:
+    if body.images:
+        raise InvalidRequest("this model does not support images", param="images")
+    keep_alive = body.keep_alive_seconds()
+    if not body.prompt and body.suffix is None:
+        return await _load_or_unload(runtime, body.model, keep_alive, {"response": ""})
+    request = GenerationRequest(options=body.options.sampling(), response_format=body.response_format())
+    if body.raw or body.suffix is not None:
+        request.prompt, request.suffix = body.prompt, body.suffix
+    else:
+        # The chat template when the model has one; the text itself for base models, as Ollama does.
+        system = [{"role": "system", "content": body.system}] if body.system else []
+        request.messages = [*system, {"role": "user", "content": body.prompt}]
+        request.prompt = f"{body.system}\n\n{body.prompt}" if body.system else body.prompt
+    generation = await start_generation(runtime.pool, body.model, request, keep_alive=keep_alive)
+    return await _respond(body.model, generation, body.stream, lambda text: {"response": text})
+
+
+def _assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+async def _respond(model: str, generation: Generation, stream: bool, piece: Callable[[str], dict]) -> Response:
+    if not stream:
+        text, stats = await generation.collect()
+        return JSONResponse({"model": model, "created_at": _now(), **piece(text), "done": True, **final_stats(stats)})
+    chunks = await started_stream(generation)
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                if chunk.text:
+                    yield _line({"model": model, "created_at": _now(), **piece(chunk.text), "done": False})
+        except Exception as exc:  # the status is sent: Ollama reports late errors as a last line
+            yield _line({"error": str(exc)})
+            return
+        assert generation.stats is not None
+        yield _line({"model": model, "created_at": _now(), **piece(""), "done": True, **final_stats(generation.stats)})
+
+    return stream_generation(generation, lines(), NDJSON_MEDIA_TYPE)
+
+
+def _line(payload: dict[str, Any]) -> str:
+    return json.dumps(payload) + "\n"
+
+
+async def _load_or_unload(runtime: Runtime, model: str, keep_alive: KeepAlive, empty: dict) -> JSONResponse:
+    """Ollama's convention: no prompt loads the model; no prompt with keep_alive 0 unloads it."""
+    _local_or_404(model)
+    if keep_alive == 0:
+        await runtime.pool.unload(model)
+        reason = "unload"
+    else:
+        lease = await runtime.pool.acquire(model, keep_alive=keep_alive)
+        await lease.release()
+        reason = "load"
+    return JSONResponse({"model": model, "created_at": _now(), **empty, "done": True, "done_reason": reason})
+
+
+# -- embeddings ----------------------------------------------------------------------------------
+
+@router.post("/api/embed")
+async def embed_texts(body: EmbedRequest, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    result = await embed(runtime.pool, body.model, texts, keep_alive=body.keep_alive_seconds())
+    vectors = result.vectors
+    if body.dimensions:
+        vectors = [_renormalized(v[: body.dimensions]) for v in vectors]
+    return {"model": body.model, "embeddings": vectors, "total_duration": result.total_duration_ns,
+            "load_duration": result.load_duration_ns, "prompt_eval_count": result.prompt_tokens}
+
+
+@router.post("/api/embeddings")
+async def legacy_embeddings(body: LegacyEmbeddingsRequest, runtime: Runtime = Depends(get_runtime)) -> dict:
+    if not body.prompt:
+        await _load_or_unload(runtime, body.model, body.keep_alive_seconds(), {})
+        return {"embedding": []}
+    result = await embed(runtime.pool, body.model, [body.prompt], keep_alive=body.keep_alive_seconds())
+    return {"embedding": result.vectors[0]}
+
+
+def _renormalized(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
+
+
+# -- models --------------------------------------------------------------------------------------
+
+def _details(info: ModelInfo) -> dict[str, Any]:
+    level = (info.quantization or {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(info.dtype, info.dtype))
+    return {"parent_model": "", "format": "safetensors", "family": info.family, "families": [info.family],
+            "parameter_size": info.parameter_size, "quantization_level": level.upper()}
+
+
+def _model_entry(local: LocalModel) -> dict[str, Any]:
+    return {"name": local.ref.tagged_name, "model": local.ref.tagged_name,
+            "modified_at": iso_utc(datetime.fromtimestamp(local.modified_at, timezone.utc)),
+            "size": local.size_bytes, "digest": local.commit, "details": _details(describe(local))}
+
+
+@router.get("/api/tags")
+async def tags() -> dict[str, Any]:
+    return {"models": await asyncio.to_thread(lambda: [_model_entry(m) for m in list_local()])}
+
+
+@router.post("/api/show")
+async def show(body: NamedModel) -> dict[str, Any]:
+    local = _local_or_404(body.model)
+    info = await asyncio.to_thread(describe, local)
+    generation_config = local.path / "generation_config.json"
+    params = json.loads(generation_config.read_text()) if generation_config.is_file() else {}
+    parameters = "\n".join(f"{k:<30} {v}" for k, v in params.items()
+                           if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"))
+    return {
+        "modelfile": f"# Served by ai-server from the Hugging Face cache\nFROM {local.ref.tagged_name}\n",
+        "parameters": parameters,
+        "template": info.chat_template or "",
+        "details": _details(info),
+        "model_info": _model_info(info, local),
+        "capabilities": info.capabilities,
+        "modified_at": iso_utc(datetime.fromtimestamp(local.modified_at, timezone.utc)),
+    }
+
+
+def _model_info(info: ModelInfo, local: LocalModel) -> dict[str, Any]:
+    """Ollama's GGUF-style keys, filled from the Hugging Face config."""
+    config, arch = info.config.get("text_config", info.config), info.family
+    keys = {"context_length": info.context_length, "embedding_length": config.get("hidden_size"),
+            "block_count": config.get("num_hidden_layers"), "feed_forward_length": config.get("intermediate_size"),
+            "attention.head_count": config.get("num_attention_heads"),
+            "attention.head_count_kv": config.get("num_key_value_heads"), "vocab_size": config.get("vocab_size")}
+    return {"general.architecture": arch, "general.basename": local.ref.repo_id,
+            "general.parameter_count": info.parameter_count,
+            **{f"{arch}.{k}": v for k, v in keys.items() if v is not None}}
+
+
+@router.get("/api/ps")
+async def running(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
+    return {"models": [_running_entry(entry) for entry in runtime.pool.loaded()]}
+
+
+def _running_entry(entry: LoadedModel) -> dict[str, Any]:
+    local = entry.runner.model
+    if entry.expires_at is not None:
+        expires = datetime.fromtimestamp(entry.expires_at, timezone.utc)
+    elif entry.keep_alive is None:
+        expires = _FOREVER
+    else:  # in use: it expires keep_alive after the running requests end, at the earliest
+        expires = datetime.fromtimestamp(entry.last_used + entry.keep_alive, timezone.utc)
+    info = describe(local)
+    entry_json = _model_entry(local)
+    entry_json["details"]["quantization_level"] = entry.runner.precision.mode.upper()  # as loaded
+    return {**entry_json, "size": entry.memory_bytes, "expires_at": iso_utc(expires),
+            "size_vram": entry.memory_bytes if entry.runner.device == "cuda" else 0,
+            "context_length": info.context_length}
+
+
+@router.delete("/api/delete")
+async def delete(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Response:
+    local = _local_or_404(body.model)
+    await runtime.pool.unload(local.ref.name)
+    await asyncio.to_thread(delete_model, local.ref)
+    return Response(status_code=200)
+
+
+@router.post("/api/copy")
+async def copy(body: CopyRequest) -> Response:
+    source = _local_or_404(body.source)
+    destination = parse_model_name(body.destination)
+    await asyncio.to_thread(copy_model, source, destination)
+    return Response(status_code=200)
+
+
+# -- pull ----------------------------------------------------------------------------------------
+
+@router.post("/api/pull")
+async def pull(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Response:
+    ref = parse_model_name(body.model)
+    job = await runtime.jobs.submit(ref, "auto", False)
+    if not body.stream:
+        while (job := await runtime.jobs.get(job.id)).status in ("queued", "running"):
+            await asyncio.sleep(_PULL_POLL_SECONDS)
+        if job.status != "succeeded":
+            return JSONResponse({"error": job.error or f"pull {job.status}"}, status_code=500)
+        return JSONResponse({"status": "success"})
+
+    async def progress() -> AsyncIterator[str]:
+        yield _line({"status": "pulling manifest"})
+        last: tuple[int, int | None] | None = None
+        current = job
+        while True:
+            current = await runtime.jobs.get(current.id)
+            if current.total_bytes and (current.completed_bytes, current.total_bytes) != last:
+                last = (current.completed_bytes, current.total_bytes)
+                yield _line({"status": f"pulling {ref.name}", "digest": ref.name,
+                             "total": current.total_bytes, "completed": current.completed_bytes})
+            if current.status not in ("queued", "running"):
+                break
+            await asyncio.sleep(_PULL_POLL_SECONDS)
+        if current.status == "succeeded":
+            yield _line({"status": "success"})
+        else:
+            yield _line({"error": current.error or f"pull {current.status}"})
+
+    return StreamingResponse(progress(), media_type=NDJSON_MEDIA_TYPE)
+
+
+# -- server --------------------------------------------------------------------------------------
+
+@router.get("/api/version")
+async def version() -> dict[str, str]:
+    return {"version": OLLAMA_API_VERSION}
+
+
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+async def root() -> PlainTextResponse:
+    return PlainTextResponse("Ollama is running")

@@ -1,0 +1,142 @@
+"""Ollama's request bodies (github.com/ollama/ollama docs/api.md) and their mapping to ours.
+
+Unknown `options` (num_ctx, mirostat, num_gpu, ...) are ignored as Ollama ignores options a
+runner does not use; supported ones are validated and an invalid value is a 400 naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from errors import InvalidRequest
+from runners.base import ResponseFormat, SamplingOptions
+from runners.pool import DEFAULT, KeepAlive
+from settings import parse_duration
+
+# Ollama's defaults (docs/modelfile.md), used when a request leaves an option out.
+DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P = 0.8, 40, 0.9
+DEFAULT_REPEAT_PENALTY, DEFAULT_REPEAT_LAST_N = 1.1, 64
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    num_predict: int | None = Field(None, ge=-2)  # -1: no limit, -2: fill the context
+    stop: list[str] | None = None
+    seed: int | None = None
+    repeat_penalty: float | None = Field(None, gt=0)
+    repeat_last_n: int | None = Field(None, ge=-1)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    def sampling(self) -> SamplingOptions:
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return SamplingOptions(
+            max_tokens=None if self.num_predict is None or self.num_predict < 0 else self.num_predict,
+            temperature=pick(self.temperature, DEFAULT_TEMPERATURE),
+            top_p=pick(self.top_p, DEFAULT_TOP_P),
+            top_k=pick(self.top_k, DEFAULT_TOP_K),
+            min_p=pick(self.min_p, 0.0),
+            seed=self.seed,
+            stop=self.stop or [],
+            repeat_penalty=pick(self.repeat_penalty, DEFAULT_REPEAT_PENALTY),
+            repeat_last_n=pick(self.repeat_last_n, DEFAULT_REPEAT_LAST_N),
+            presence_penalty=pick(self.presence_penalty, 0.0),
+            frequency_penalty=pick(self.frequency_penalty, 0.0),
+        )
+
+
+class _ModelRequest(BaseModel):
+    model: str
+    keep_alive: float | str | None = None
+
+    def keep_alive_seconds(self) -> KeepAlive:
+        """`5m`, `30s`, seconds; 0 unloads after the request; negative keeps the model loaded."""
+        if self.keep_alive is None:
+            return DEFAULT
+        try:
+            return parse_duration(self.keep_alive)
+        except ValueError as exc:
+            raise InvalidRequest(f"invalid keep_alive: {exc}", param="keep_alive") from None
+
+
+class _GenerateCommon(_ModelRequest):
+    format: str | dict[str, Any] | None = None
+    options: Options = Field(default_factory=Options)
+    stream: bool = True
+
+    def response_format(self) -> ResponseFormat | None:
+        if self.format in (None, ""):
+            return None
+        if self.format == "json":
+            return ResponseFormat("json")
+        if isinstance(self.format, dict):
+            return ResponseFormat("json_schema", self.format)
+        raise InvalidRequest(f"invalid format {self.format!r}: use \"json\" or a JSON schema", param="format")
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None
+
+
+class ChatRequest(_GenerateCommon):
+    messages: list[Message] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+class GenerateRequest(_GenerateCommon):
+    prompt: str = ""
+    suffix: str | None = None
+    system: str | None = None
+    raw: bool = False
+    images: list[str] | None = None
+    template: str | None = None  # Go templates cannot apply to Hugging Face models: ignored
+    context: list[int] | None = None  # deprecated in Ollama: ignored
+
+
+class EmbedRequest(_ModelRequest):
+    input: str | list[str] = ""
+    truncate: bool = True
+    dimensions: int | None = Field(None, ge=1)
+    options: Options = Field(default_factory=Options)
+
+
+class LegacyEmbeddingsRequest(_ModelRequest):
+    prompt: str = ""
+    options: Options = Field(default_factory=Options)
+
+
+class NamedModel(BaseModel):
+    """Bodies that name one model (show, delete, pull); older clients send `name`, not `model`."""
+
+    model: str
+    verbose: bool = False
+    stream: bool = True
+    insecure: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_is_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "model" not in data and "name" in data:
+            return {**data, "model": data["name"]}
+        return data
+
+
+class CopyRequest(BaseModel):
+    source: str
+    destination: str
