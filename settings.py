@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     trust_remote_code_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where models run")
+    max_batch_size: int = Field(16, ge=1, description="sequences one model decodes together (continuous batching)")
+    max_queue: int = Field(64, ge=0, description="requests per model waiting for a batch slot; more get 503")
 
     @field_validator("model_q4_threshold_bytes", "model_memory_budget_bytes", mode="before")
     @classmethod
@@ -110,6 +112,8 @@ class Settings(BaseSettings):
             "keep_alive_seconds": self.keep_alive,
             "trust_remote_code_models": self.trust_remote_code_models,
             "auth_enabled": bool(self.api_keys),
+            "max_batch_size": self.max_batch_size,
+            "max_queue": self.max_queue,
         }
 
 
