@@ -43,7 +43,7 @@ async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> An
     )
     generation = await start_generation(runtime.pool, body.model, request)
     if body.stream:
-        chunks = await started_stream(generation)
+        chunks = await started_stream(generation.stream())
         return stream_generation(generation, _sse_events(generation, chunks), SSE_MEDIA_TYPE)
     text, stats = await generation.collect()
     return {

@@ -113,7 +113,7 @@ async def _respond(model: str, generation: Generation, stream: bool, piece: Call
     if not stream:
         text, stats = await generation.collect()
         return JSONResponse({"model": model, "created_at": _now(), **piece(text), "done": True, **final_stats(stats)})
-    chunks = await started_stream(generation)
+    chunks = await started_stream(generation.stream())
 
     async def lines() -> AsyncIterator[str]:
         try:

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from api.deps import get_runtime
 from api.errors import openai_error
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, GenerationParams
-from api.streaming import SSE_MEDIA_TYPE, sse_event, stream_generation
+from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
 from errors import ModelNotFound, ServerError
 from runners import structured
 from runners.base import Chunk, GenerationRequest, ResponseFormat, SamplingOptions, TokenLogprob
@@ -194,12 +194,9 @@ async def _complete(
     head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(group.created_at.timestamp()),
             "model": body.model}
     if body.stream:
-        chunks = group.stream()
-        # Waiting for the first chunk lets a request that fails at once (a prompt longer than the
-        # context) still answer with its status code instead of an in-band error.
-        first = await anext(chunks)
+        chunks = await started_stream(group.stream())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream_events(group, first, chunks, body.n, head, shape, include_usage)
+        events = _stream_events(group, chunks, body.n, head, shape, include_usage)
         return stream_generation(group, events, SSE_MEDIA_TYPE)
     done = await group.collect()
     return {
@@ -212,8 +209,7 @@ async def _complete(
 
 async def _stream_events(
     group: GenerationGroup,
-    first: tuple[int, Chunk],
-    rest: AsyncIterator[tuple[int, Chunk]],
+    chunks: AsyncIterator[tuple[int, Chunk]],
     n: int,
     head: dict[str, Any],
     shape: _Shape,
@@ -237,9 +233,7 @@ async def _stream_events(
     try:
         if isinstance(shape, _ChatShape):
             yield event(*(shape.delta(i, None) for i in range(len(group.generations))))
-        for line in events_of(*first):
-            yield line
-        async for index, chunk in rest:
+        async for index, chunk in chunks:
             for line in events_of(index, chunk):
                 yield line
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream, then stop

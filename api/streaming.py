@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
@@ -13,6 +13,7 @@ from runners.generation import Generation, GenerationGroup
 
 SSE_MEDIA_TYPE = "text/event-stream"
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
+T = TypeVar("T")
 
 
 def stream_generation(
@@ -30,19 +31,18 @@ def sse_event(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def started_stream(generation: Generation) -> AsyncIterator[Chunk]:
-    """Start decoding and wait for the first chunk before any response byte is sent, so errors
-    that come before output (prompt too long, no FIM tokens, a bad schema) get a real status code."""
-    stream = generation.stream()
+async def started_stream(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Start `stream` and wait for its first item before any response byte is sent, so errors
+    that come before output (prompt too long, no FIM tokens, a bad schema) keep a real status code."""
     try:
         first = await anext(stream)
     except BaseException:
         await stream.aclose()
         raise
 
-    async def chained() -> AsyncIterator[Chunk]:
+    async def chained() -> AsyncIterator[T]:
         yield first
-        async for chunk in stream:
-            yield chunk
+        async for item in stream:
+            yield item
 
     return chained()
