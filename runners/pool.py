@@ -206,12 +206,15 @@ class ModelPool:
                 bnb_available=bitsandbytes_available(),
                 bf16_supported=self.device == "cuda" and torch.cuda.is_bf16_supported(),
             )
-            backend = choose_backend(self.settings.backend)
+            # In a thread: the first decision imports vLLM (seconds).
+            backend = await asyncio.to_thread(
+                choose_backend, self.settings.backend, device=self.device, config=config, precision=precision
+            )
             estimate = _estimate_bytes(local, precision.mode, config)
             await self._evict_lru(lambda: len(self._loaded) >= self.settings.max_cache_models or self._over_budget(estimate))
             started = time.perf_counter_ns()
             try:
-                runner = await asyncio.to_thread(load_runner, backend, local, precision, self.device, trust)
+                runner = await asyncio.to_thread(load_runner, backend, local, precision, self.device, trust, self.settings)
             except ServerError:
                 raise
             except Exception as exc:
