@@ -6,6 +6,9 @@ PORT ?= 8005
 # torch is pinned so a fresh setup takes the CPU wheel where one is provided locally; on a CUDA
 # host PyPI's build of the same version runs on the GPU.
 TORCH_VERSION ?= 2.13.0
+# vLLM, the preferred engine: the CUDA build on a GPU host, the CPU build on other Linux x86_64
+# machines (scripts/install-vllm.sh). VLLM=no leaves it out: every model then runs on transformers.
+VLLM ?= yes
 
 .PHONY: install install-test serve test bento clean
 
@@ -13,9 +16,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.txt
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.txt scripts/install-vllm.sh
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install -q -e .
+	if [ "$(VLLM)" != no ]; then scripts/install-vllm.sh $(VENV); fi
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

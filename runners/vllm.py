@@ -26,6 +26,7 @@ from settings import Settings
 if TYPE_CHECKING:
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.logprobs import SampleLogprobs
+    from vllm.sampling_params import StructuredOutputsParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
 # Engines on one GPU share it: each takes this share of the memory, divided by MAX_CACHE_MODELS.
@@ -213,7 +214,7 @@ def sampling_params(request: GenerationRequest, room: int) -> SamplingParams:
     )
 
 
-def _structured_outputs(response_format: ResponseFormat | None) -> Any:
+def _structured_outputs(response_format: ResponseFormat | None) -> StructuredOutputsParams | None:
     from vllm.sampling_params import StructuredOutputsParams
 
     if response_format is None:
