@@ -40,6 +40,8 @@ async def status(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
                 "quantization": e.runner.precision.mode,
                 "memory_bytes": e.memory_bytes,
                 "active_requests": e.active,
+                "running_requests": e.runner.batch_size(),  # decoding in the current batch
+                "waiting_requests": e.runner.queue_depth(),  # queued for a batch slot
                 "expires_at": e.expires_at,
             }
             for e in pool.loaded()

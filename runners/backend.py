@@ -98,4 +98,5 @@ def load_runner(
         return VllmRunner.load(model, precision, device, trust_remote_code, settings)
     from runners.transformers import TransformersRunner
 
-    return TransformersRunner.load(model, precision, device, trust_remote_code)
+    return TransformersRunner.load(model, precision, device, trust_remote_code,
+                                   max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)

@@ -96,6 +96,14 @@ class Runner(ABC):
         """One L2-normalized vector per text, and the number of tokens the texts made up."""
 
     @abstractmethod
+    def batch_size(self) -> int:
+        """Requests decoding right now (the running batch)."""
+
+    @abstractmethod
+    def queue_depth(self) -> int:
+        """Requests waiting for a place in the batch."""
+
+    @abstractmethod
     def memory_bytes(self) -> int:
         """Memory the loaded model occupies (weights and buffers), measured, not estimated."""
 

@@ -1,26 +1,24 @@
 """The transformers engine: any causal LM transformers can load, on CUDA or CPU.
 
-Each request decodes in a worker thread of its own and streams chunks back to the event loop, so
-concurrent requests to one model all make progress; nothing holds a per-model lock.
+Concurrent requests to one model are decoded together by its continuous-batching scheduler
+(runners/batching.py); each request streams its chunks back to the event loop as they come.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 
 from errors import InvalidRequest
-from runners.base import Chunk, GenerationRequest, Runner, TokenLogprob
-from runners.detokenize import IncrementalDecoder, StopMatcher
+from runners.base import Chunk, GenerationRequest, Runner
+from runners.batching import BatchScheduler, Emit, Sequence
 from runners.local_cache import LocalModel
 from runners.prompt import render_prompt
 from runners.quantization import Precision
-from runners.sampling import make_generator, next_token
 from runners.structured import GrammarCache
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -31,7 +29,8 @@ class TransformersRunner(Runner):
     backend = "transformers"
 
     def __init__(
-        self, model: LocalModel, precision: Precision, device: str, hf_model: Any, tokenizer: Any
+        self, model: LocalModel, precision: Precision, device: str, hf_model: Any, tokenizer: Any,
+        max_batch_size: int, max_queue: int,
     ) -> None:
         super().__init__(model, precision, device)
         self._hf_model = hf_model
@@ -46,9 +45,13 @@ class TransformersRunner(Runner):
             eos_ids.add(tokenizer.eos_token_id)
         self._eos_ids = frozenset(eos_ids)
         self._grammars = GrammarCache(tokenizer, config.get_text_config().vocab_size, sorted(self._eos_ids))
+        self._scheduler = BatchScheduler(hf_model, model.ref.name, max_batch_size, max_queue)
 
     @classmethod
-    def load(cls, model: LocalModel, precision: Precision, device: str, trust_remote_code: bool) -> TransformersRunner:
+    def load(
+        cls, model: LocalModel, precision: Precision, device: str, trust_remote_code: bool, *,
+        max_batch_size: int, max_queue: int,
+    ) -> TransformersRunner:
         """Load from the local snapshot folder only (blocking; never touches the network)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -67,20 +70,18 @@ class TransformersRunner(Runner):
         if "device_map" not in kwargs:
             hf_model.to(device)
         hf_model.eval()
-        return cls(model, precision, device, hf_model, tokenizer)
+        return cls(model, precision, device, hf_model, tokenizer, max_batch_size, max_queue)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
-        cancelled = threading.Event()
 
         def emit(item: Chunk | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        worker = threading.Thread(
-            target=self._decode, args=(request, emit, cancelled), name="transformers-decode", daemon=True
-        )
-        worker.start()
+        # Tokenizing and compiling a grammar happen here, so their errors reach this request only.
+        sequence = await asyncio.to_thread(self._sequence, request, emit)
+        self._scheduler.submit(sequence)
         try:
             while True:
                 item = await queue.get()
@@ -90,73 +91,21 @@ class TransformersRunner(Runner):
                 if item.finish_reason is not None:
                     return
         finally:
-            cancelled.set()
+            sequence.cancelled.set()
 
-    def _decode(
-        self,
-        request: GenerationRequest,
-        emit: Callable[[Chunk | BaseException], None],
-        cancelled: threading.Event,
-    ) -> None:
-        try:
-            self._decode_loop(request, emit, cancelled)
-        except BaseException as exc:  # surfaced to the awaiting request, not lost in the thread
-            emit(exc)
-
-    @torch.inference_mode()
-    def _decode_loop(
-        self,
-        request: GenerationRequest,
-        emit: Callable[[Chunk | BaseException], None],
-        cancelled: threading.Event,
-    ) -> None:
-        options = request.options
+    def _sequence(self, request: GenerationRequest, emit: Emit) -> Sequence:
         prompt_ids = self._encode(render_prompt(self.tokenizer, request), special_tokens=False, reserve=1)
         room = self.context_length - len(prompt_ids)
-        budget = room if options.max_tokens is None else min(options.max_tokens, room)
-        decoder, stops = IncrementalDecoder(self.tokenizer), StopMatcher(options.stop)
-        generator = make_generator(options, self.device)
+        max_tokens = request.options.max_tokens
+        budget = room if max_tokens is None else min(max_tokens, room)
         constraint = self._grammars.matcher(request.response_format) if request.response_format else None
-        # Log-probabilities of tokens not yet sent: they travel with the next chunk.
-        pending: list[TokenLogprob] | None = None if request.logprobs is None else []
+        return Sequence(request, prompt_ids, budget, self.tokenizer, self._eos_ids, self.device, constraint, emit)
 
-        def send(text: str, **final: Any) -> None:
-            nonlocal pending
-            emit(Chunk(text, logprobs=pending, **final))
-            pending = None if pending is None else []
+    def queue_depth(self) -> int:
+        return self._scheduler.queue_depth()
 
-        context, generated = list(prompt_ids), []
-        finish, hit_stop, unsent = "length", False, ""
-        inputs = torch.tensor([prompt_ids], device=self.device)
-        past = None
-        while len(generated) < budget:
-            if cancelled.is_set():
-                finish = "cancelled"
-                break
-            out = self._hf_model(input_ids=inputs, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[0, -1]
-            token = next_token(constraint.mask(logits) if constraint else logits, options, context, generated, generator)
-            if constraint:
-                constraint.accept(token)
-            if token in self._eos_ids and not options.ignore_eos:
-                finish = "stop"
-                break
-            if pending is not None:
-                pending.append(self._logprob(logits, token, request.logprobs or 0))
-            context.append(token)
-            generated.append(token)
-            unsent, hit_stop = stops.feed(decoder.push(token))
-            if hit_stop or (constraint is not None and constraint.finished):
-                finish = "stop"
-                break
-            if unsent:
-                send(unsent)
-                unsent = ""
-            inputs = torch.tensor([[token]], device=self.device)
-        # Text held back as a possible stop sequence is output, unless a stop sequence did match.
-        tail = unsent if hit_stop else unsent + stops.flush()
-        send(tail, finish_reason=finish, prompt_tokens=len(prompt_ids), completion_tokens=len(generated))
+    def batch_size(self) -> int:
+        return self._scheduler.batch_size()
 
     def _encode(self, text: str, *, special_tokens: bool, reserve: int) -> list[int]:
         """Token ids of one input, refused (400) unless `reserve` more tokens fit in the context."""
@@ -166,16 +115,6 @@ class TransformersRunner(Runner):
         if len(ids) + reserve > self.context_length:
             raise InvalidRequest(f"input is {len(ids)} tokens; the model's context is {self.context_length} tokens")
         return ids
-
-    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-        """The chosen token's log-probability under the model's raw distribution (before penalties,
-        temperature and grammar, like vLLM's default), with the `top` most likely tokens."""
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        entry = TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]))
-        if top:
-            values, ids = torch.topk(logprobs, top)
-            entry.top = [(self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
-        return entry
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         return await asyncio.to_thread(self._embed, texts)
@@ -204,6 +143,7 @@ class TransformersRunner(Runner):
         return int(self._hf_model.get_memory_footprint())
 
     def unload(self) -> None:
+        self._scheduler.close()
         del self._hf_model
         release_memory(self.device)
 

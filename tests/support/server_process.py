@@ -55,5 +55,18 @@ def running_server(env: dict[str, str], log: Path) -> Iterator[str]:
         wait_healthy(url, proc, log)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_server(proc)
+
+
+def stop_server(proc: subprocess.Popen, grace: float = 30) -> None:
+    """Stop gracefully; failing that, kill the whole tree (BentoML's workers run in sessions of
+    their own, so killing the supervisor alone would leave them running)."""
+    import psutil
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            process.kill()
+        proc.wait(timeout=10)

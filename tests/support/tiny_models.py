@@ -118,7 +118,8 @@ def _save_seeded(dst: Path, config: PreTrainedConfig, model_class: type[PreTrain
 
 
 def build_tiny_llama(
-    dst: Path, *, seed: int = 0, chat_template: bool = True, hidden_size: int = 64, layers: int = 2
+    dst: Path, *, seed: int = 0, chat_template: bool = True, hidden_size: int = 64, layers: int = 2,
+    context: int = 512,
 ) -> Path:
     """A random-weight `LlamaForCausalLM` with its own tokenizer in `dst`; returns `dst`."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -132,7 +133,7 @@ def build_tiny_llama(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

@@ -1,0 +1,286 @@
+"""Continuous batching for the transformers engine.
+
+One scheduler thread per loaded model steps every running sequence together: each step is one
+forward pass for the whole batch. New requests join at step boundaries (prefilled alone, then
+merged into the batch), finished or cancelled ones leave without stalling the rest, and every
+sequence keeps its own sampling settings, seed, stop sequences and grammar.
+
+The batch's KV cache is right-aligned: row i's tokens fill the last positions and the columns
+before them are padding, masked out by the attention mask; position ids are per row. Models whose
+cache is not a plain DynamicCache (sliding-window or linear-attention layers) keep one cache per
+sequence and are stepped one sequence at a time, still interleaved with each other.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from errors import ModelLoadFailed, ServerBusy
+from runners.base import Chunk, FinishReason, GenerationRequest, TokenLogprob
+from runners.detokenize import IncrementalDecoder, StopMatcher
+from runners.sampling import make_generator, next_token
+from runners.structured import TokenConstraint
+
+Emit = Callable[[Chunk | BaseException], None]
+
+
+class Sequence:
+    """One request's decoding state: picks its tokens from logits rows and streams its chunks."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        budget: int,
+        tokenizer: Any,
+        eos_ids: frozenset[int],
+        device: str,
+        constraint: TokenConstraint | None,
+        emit: Emit,
+    ) -> None:
+        self.request = request
+        self.options = request.options
+        self.prompt_ids = prompt_ids
+        self.budget = budget
+        self.cancelled = threading.Event()
+        self._tokenizer = tokenizer
+        self._eos_ids = eos_ids
+        self._emit = emit
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._stops = StopMatcher(self.options.stop)
+        self._generator = make_generator(self.options, device)
+        self._constraint = constraint
+        # Log-probabilities of tokens not yet sent: they travel with the next chunk.
+        self._pending: list[TokenLogprob] | None = None if request.logprobs is None else []
+        self.context: list[int] = list(prompt_ids)
+        self.generated: list[int] = []
+        self.last_token: int = prompt_ids[-1]
+
+    def advance(self, logits: torch.Tensor) -> bool:
+        """Consume this sequence's next-token logits row; True when the sequence has finished."""
+        constraint = self._constraint
+        token = next_token(constraint.mask(logits) if constraint else logits, self.options, self.context,
+                           self.generated, self._generator)
+        if constraint:
+            constraint.accept(token)
+        if token in self._eos_ids and not self.options.ignore_eos:
+            return self._finish("stop")
+        if self._pending is not None:
+            self._pending.append(self._logprob(logits, token, self.request.logprobs or 0))
+        self.context.append(token)
+        self.generated.append(token)
+        self.last_token = token
+        text, hit_stop = self._stops.feed(self._decoder.push(token))
+        if hit_stop or (constraint is not None and constraint.finished):
+            return self._finish("stop", text)
+        if len(self.generated) >= self.budget:
+            return self._finish("length", text + self._stops.flush())
+        if text:
+            self._send(text)
+        return False
+
+    def cancel_now(self) -> None:
+        self._finish("cancelled", self._stops.flush())
+
+    def fail(self, exc: BaseException) -> None:
+        self._emit(exc)
+
+    def _finish(self, reason: FinishReason, text: str | None = None) -> bool:
+        # EOS: text held back as a possible stop sequence is output after all.
+        tail = self._stops.flush() if text is None else text
+        self._send(tail, finish_reason=reason, prompt_tokens=len(self.prompt_ids),
+                   completion_tokens=len(self.generated))
+        return True
+
+    def _send(self, text: str, **final: Any) -> None:
+        self._emit(Chunk(text, logprobs=self._pending, **final))
+        if self._pending is not None:
+            self._pending = []
+
+    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        """The chosen token's log-probability under the model's raw distribution (before penalties,
+        temperature and grammar, like vLLM's default), with the `top` most likely tokens."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        entry = TokenLogprob(self._tokenizer.decode([token]), float(logprobs[token]))
+        if top:
+            values, ids = torch.topk(logprobs, top)
+            entry.top = [(self._tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
+        return entry
+
+
+class KVBatch:
+    """Sequences decoded in one forward pass, with their right-aligned KV cache."""
+
+    def __init__(self, sequence: Sequence, cache: Any) -> None:
+        length = len(sequence.prompt_ids)
+        self.rows = [sequence]
+        self.cache = cache
+        self.mask = torch.ones(1, length, dtype=torch.long, device=_device_of(cache))
+        self.positions = torch.tensor([length], dtype=torch.long, device=self.mask.device)
+
+    @staticmethod
+    def mergeable(cache: Any) -> bool:
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+    def absorb(self, other: KVBatch) -> None:
+        """Append `other`'s rows, left-padding whichever cache is shorter."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self._pad_to(width)
+        other._pad_to(width)
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        self.mask = torch.cat([self.mask, other.mask])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.rows += other.rows
+
+    def step(self, model: Any) -> None:
+        """One token for every row; finished rows leave the batch."""
+        inputs = torch.tensor([[s.last_token] for s in self.rows], device=self.mask.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        out = model(input_ids=inputs, attention_mask=self.mask, position_ids=self.positions[:, None],
+                    past_key_values=self.cache, use_cache=True)
+        self.positions += 1
+        logits = out.logits[:, -1]
+        done = [row.advance(logits[i]) for i, row in enumerate(self.rows)]
+        self.keep([i for i, finished in enumerate(done) if not finished])
+
+    def keep(self, indices: list[int]) -> None:
+        if len(indices) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in indices]
+        if not indices:
+            return
+        index = torch.tensor(indices, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        # Drop leading columns that are padding in every remaining row.
+        start = int((self.mask.sum(dim=0) > 0).nonzero()[0])
+        if start:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            self.mask = self.mask[:, start:]
+
+    def _pad_to(self, width: int) -> None:
+        pad = width - self.mask.shape[1]
+        if pad <= 0:
+            return
+        for layer in self.cache.layers:
+            b, h, _, d = layer.keys.shape
+            layer.keys = torch.cat([layer.keys.new_zeros(b, h, pad, d), layer.keys], dim=2)
+            layer.values = torch.cat([layer.values.new_zeros(b, h, pad, layer.values.shape[-1]), layer.values], dim=2)
+        self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], pad), self.mask], dim=1)
+
+
+def _device_of(cache: Any) -> torch.device:
+    layers = getattr(cache, "layers", None)
+    return layers[0].keys.device if layers else torch.device("cpu")
+
+
+class BatchScheduler:
+    """The decode loop of one model: admits waiting sequences, steps the running ones together."""
+
+    def __init__(self, model: Any, name: str, max_batch_size: int, max_queue: int) -> None:
+        self._model = model
+        self._name = name
+        self._max_batch_size = max_batch_size
+        self._max_queue = max_queue
+        self._waiting: deque[Sequence] = deque()
+        self._admitting: list[Sequence] = []  # taken from the queue, not yet in a batch
+        self._batches: list[KVBatch] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"batch:{name}", daemon=True)
+        self._thread.start()
+
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def batch_size(self) -> int:
+        return len(self._admitting) + sum(len(b.rows) for b in self._batches)
+
+    def submit(self, sequence: Sequence) -> None:
+        """Queue a sequence; ServerBusy (503) when MAX_BATCH_SIZE run and MAX_QUEUE already wait."""
+        with self._wake:
+            if self._closed:
+                raise ModelLoadFailed(f"model '{self._name}' is being unloaded")
+            if len(self._waiting) + self.batch_size() >= self._max_batch_size + self._max_queue:
+                raise ServerBusy(
+                    f"server busy: model '{self._name}' is running {self.batch_size()} requests with "
+                    f"{len(self._waiting)} waiting (MAX_BATCH_SIZE={self._max_batch_size}, "
+                    f"MAX_QUEUE={self._max_queue}); try again shortly",
+                    retry_after=1,
+                )
+            self._waiting.append(sequence)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+        unloaded = ModelLoadFailed(f"model '{self._name}' was unloaded")
+        for sequence in [*self._waiting, *self._admitting, *(row for b in self._batches for row in b.rows)]:
+            sequence.fail(unloaded)
+        self._waiting.clear()
+        self._batches.clear()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._closed and not self._waiting and not self._batches:
+                        self._wake.wait()
+                    if self._closed:
+                        return
+                    room = self._max_batch_size - self.batch_size()
+                    self._admitting = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                for sequence in list(self._admitting):
+                    self._guarded(lambda s=sequence: self._admit(s), [sequence])
+                    self._admitting.remove(sequence)  # now in a batch, or finished
+                self._drop_cancelled()
+                for batch in list(self._batches):
+                    self._guarded(lambda b=batch: b.step(self._model), batch.rows)
+                self._batches = [b for b in self._batches if b.rows]
+
+    def _guarded(self, work: Callable[[], None], rows: list[Sequence]) -> None:
+        """A failure (out of memory, a bad grammar) ends the sequences involved, not the loop."""
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - delivered to each request it ends
+            for batch in self._batches:
+                if set(batch.rows) & set(rows):
+                    batch.rows = []
+            for row in rows:
+                row.fail(exc)
+
+    def _admit(self, sequence: Sequence) -> None:
+        """Prefill the prompt alone, pick the first token, and join a batch if not finished."""
+        if sequence.cancelled.is_set():
+            sequence.cancel_now()
+            return
+        ids = torch.tensor([sequence.prompt_ids], device=self._model.device)
+        out = self._model(input_ids=ids, use_cache=True)
+        if sequence.advance(out.logits[0, -1]):
+            return
+        batch = KVBatch(sequence, out.past_key_values)
+        shared = next((b for b in self._batches if KVBatch.mergeable(b.cache)), None)
+        if shared is not None and KVBatch.mergeable(batch.cache):
+            shared.absorb(batch)
+        else:
+            self._batches.append(batch)
+
+    def _drop_cancelled(self) -> None:
+        for batch in self._batches:
+            gone = [i for i, row in enumerate(batch.rows) if row.cancelled.is_set()]
+            for i in gone:
+                batch.rows[i].cancel_now()
+            if gone:
+                batch.keep([i for i in range(len(batch.rows)) if i not in gone])

@@ -1,0 +1,138 @@
+"""Continuous batching in the transformers runner: correctness, not speed.
+
+Requests decoded together must get exactly what they get alone: batching only changes when their
+tokens are computed, never which tokens. Cancelling and queueing need real sockets (the in-process
+test client buffers whole responses), so those tests run `bentoml serve`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import UNREACHABLE_HUB
+from tests.support.server_process import running_server
+from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
+
+MODEL = "test-org/tiny-llama"
+
+# Different prompt lengths (so rows are padded differently), lengths, stops and sampling settings.
+REQUESTS = [
+    {"prompt": "hello", "max_tokens": 800, "temperature": 0, "ignore_eos": True},
+    {"prompt": "a much longer prompt about the weather and the sea " * 3, "max_tokens": 240, "temperature": 0},
+    {"prompt": "story time", "max_tokens": 600, "temperature": 1.0, "seed": 7, "top_k": 50},
+    {"prompt": "numbers", "max_tokens": 500, "temperature": 0.7, "seed": 1, "top_p": 0.8, "presence_penalty": 0.5},
+    {"prompt": "x", "max_tokens": 700, "temperature": 0, "stop": ["e"]},
+    {"prompt": "the end", "max_tokens": 100, "temperature": 1.2, "seed": 99, "ignore_eos": True},
+]
+# Long enough that, uncancelled, it would still be decoding when the test ends.
+ENDLESS = {"model": MODEL, "prompt": "go on", "max_tokens": 8000, "ignore_eos": True, "stream": True}
+
+
+@pytest.fixture(scope="module")
+def long_context_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("long"), context=8192)
+
+
+@pytest.fixture
+def start(tmp_path: Path, long_context_model: Path) -> Callable[..., Iterator[str]]:
+    """`with start(MAX_BATCH_SIZE="4") as url:` a real server with the long-context model pulled."""
+    install_into_hf_cache(long_context_model, tmp_path / "hf" / "hub", MODEL)
+
+    def server(**env: str):  # noqa: ANN202 - a context manager
+        base = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, "DATA_DIR": str(tmp_path / "data"),
+                "BENTOML_HOME": str(tmp_path / "bentoml")}
+        return running_server({**base, **env}, tmp_path / "server.log")
+
+    return server
+
+
+def complete(url: str, spec: dict) -> dict:
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, **spec}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return {"text": body["choices"][0]["text"], "finish": body["choices"][0]["finish_reason"],
+            "tokens": body["usage"]["completion_tokens"]}
+
+
+def running(url: str) -> int:
+    models = httpx.get(f"{url}/status", timeout=60).json()["loaded_models"]
+    return sum(m["running_requests"] for m in models)
+
+
+def wait_for_empty_batch(url: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while running(url) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert running(url) == 0
+
+
+class BatchWatcher:
+    """Samples the running batch size while requests run, to show they really shared batches."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.largest = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> BatchWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.largest = max(self.largest, running(self.url))
+            time.sleep(0.002)
+
+
+def test_batched_requests_get_exactly_their_solo_outputs_and_cancel_alone(start) -> None:
+    with start(MAX_BATCH_SIZE="8", MAX_QUEUE="8") as url:
+        alone = [complete(url, spec) for spec in REQUESTS]
+        assert alone[0]["tokens"] == 800 and alone[0]["finish"] == "length"
+        assert alone[4]["finish"] == "stop" and "e" not in alone[4]["text"]
+
+        def abandon() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", json=ENDLESS, timeout=60) as r:
+                lines = r.iter_lines()
+                for _ in range(5):
+                    next(lines)
+            # leaving the block closes the connection: the request is cancelled in the batch
+
+        with BatchWatcher(url) as watcher, ThreadPoolExecutor(len(REQUESTS) + 1) as pool:
+            cancelled = pool.submit(abandon)
+            together = list(pool.map(lambda spec: complete(url, spec), REQUESTS))
+            cancelled.result()
+        assert watcher.largest >= 3, "the requests never shared a batch"
+        assert together == alone
+        wait_for_empty_batch(url)  # the abandoned request left the batch instead of decoding on
+
+
+def test_a_full_queue_answers_503_with_retry_after(start) -> None:
+    with start(MAX_BATCH_SIZE="1", MAX_QUEUE="0") as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json=ENDLESS, timeout=60) as held:
+            lines = held.iter_lines()  # kept: a discarded iterator closes the response, cancelling it
+            next(lines)  # the one batch slot is taken
+            post = httpx.Client(base_url=url, timeout=60).post
+            busy = post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+            ollama_busy = post("/api/generate", json={"model": MODEL, "prompt": "hi", "stream": False})
+            native_busy = post("/chat", json={"model": MODEL, "stream": True,
+                                              "messages": [{"role": "user", "content": "hi"}]})
+            assert running(url) == 1
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+        assert "MAX_QUEUE" in busy.json()["error"]["message"]
+        assert ollama_busy.status_code == 503 and "server busy" in ollama_busy.json()["error"]
+        assert native_busy.status_code == 503  # a stream that cannot start fails before its first byte
+        wait_for_empty_batch(url)  # the held stream's client left: its slot frees
+        assert httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                          timeout=60).status_code == 200
