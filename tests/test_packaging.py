@@ -21,6 +21,8 @@ def test_bento_builds_with_a_cuda_dockerfile(tmp_path: Path) -> None:
     for path in ("service.py", "settings.py", "runtime.py", "api/app.py", "runners/pool.py", "requirements.txt"):
         assert (src / path).is_file(), path
     assert not (src / "tests").exists() and not (src / ".venv").exists()
+    requirements = (src.parent / "env" / "python" / "requirements.txt").read_text()
+    assert "vllm==0.32.0" in requirements and "transformers>=" in requirements  # the engine, and ours
 
     dockerfile = tmp_path / "Dockerfile"
     export = ("import bentoml, sys; bentoml.container.get_containerfile(sys.argv[1], output_path=sys.argv[2])")
