@@ -151,7 +151,7 @@ async def _load_or_unload(runtime: Runtime, model: str, keep_alive: KeepAlive, e
 @router.post("/api/embed")
 async def embed_texts(body: EmbedRequest, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     texts = [body.input] if isinstance(body.input, str) else body.input
-    result = await embed(runtime.pool, body.model, texts, keep_alive=body.keep_alive_seconds())
+    result = await embed(runtime.pool, body.model, texts, truncate=body.truncate, keep_alive=body.keep_alive_seconds())
     vectors = result.vectors
     if body.dimensions:
         vectors = [_renormalized(v[: body.dimensions]) for v in vectors]
@@ -164,7 +164,7 @@ async def legacy_embeddings(body: LegacyEmbeddingsRequest, runtime: Runtime = De
     if not body.prompt:
         await _load_or_unload(runtime, body.model, body.keep_alive_seconds(), {})
         return {"embedding": []}
-    result = await embed(runtime.pool, body.model, [body.prompt], keep_alive=body.keep_alive_seconds())
+    result = await embed(runtime.pool, body.model, [body.prompt], truncate=True, keep_alive=body.keep_alive_seconds())
     return {"embedding": result.vectors[0]}
 
 

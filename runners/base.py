@@ -92,8 +92,9 @@ class Runner(ABC):
         """Stream the completion; closing the iterator early cancels the request."""
 
     @abstractmethod
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """One L2-normalized vector per text, and the number of tokens the texts made up."""
+    async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
+        """One L2-normalized vector per text, and the number of tokens the texts made up. A text
+        longer than the context is cut to fit when `truncate`, else refused (400)."""
 
     @abstractmethod
     def batch_size(self) -> int:

@@ -19,11 +19,13 @@ class Embeddings:
     total_duration_ns: int
 
 
-async def embed(pool: ModelPool, model: str, texts: list[str], *, keep_alive: KeepAlive = DEFAULT) -> Embeddings:
+async def embed(
+    pool: ModelPool, model: str, texts: list[str], *, truncate: bool = False, keep_alive: KeepAlive = DEFAULT
+) -> Embeddings:
     started = time.perf_counter_ns()
     lease = await pool.acquire(model, keep_alive=keep_alive)
     try:
-        vectors, tokens = await lease.runner.embed(texts)
+        vectors, tokens = await lease.runner.embed(texts, truncate)
     finally:
         await lease.release()
     return Embeddings(vectors, tokens, lease.load_duration_ns, time.perf_counter_ns() - started)

@@ -107,26 +107,29 @@ class TransformersRunner(Runner):
     def batch_size(self) -> int:
         return self._scheduler.batch_size()
 
-    def _encode(self, text: str, *, special_tokens: bool, reserve: int) -> list[int]:
-        """Token ids of one input, refused (400) unless `reserve` more tokens fit in the context."""
+    def _encode(self, text: str, *, special_tokens: bool, reserve: int, truncate: bool = False) -> list[int]:
+        """Token ids of one input, cut to fit (`truncate`) or refused (400) unless `reserve` more
+        tokens fit in the context."""
         ids: list[int] = self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
         if not ids:
             ids = [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id or 0]
+        if truncate:
+            ids = ids[: self.context_length - reserve]
         if len(ids) + reserve > self.context_length:
             raise InvalidRequest(f"input is {len(ids)} tokens; the model's context is {self.context_length} tokens")
         return ids
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        return await asyncio.to_thread(self._embed, texts)
+    async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
+        return await asyncio.to_thread(self._embed, texts, truncate)
 
     @torch.inference_mode()
-    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    def _embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
         """Mean of the last hidden states over each text's tokens, L2-normalized, in batches.
 
         Right padding with an attention mask: in a causal model the pads come after every real
         token, so they change nothing the mean reads.
         """
-        encoded = [self._encode(text, special_tokens=True, reserve=0) for text in texts]
+        encoded = [self._encode(text, special_tokens=True, reserve=0, truncate=truncate) for text in texts]
         vectors: list[list[float]] = []
         for start in range(0, len(encoded), _EMBED_BATCH):
             batch = encoded[start : start + _EMBED_BATCH]

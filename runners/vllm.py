@@ -132,7 +132,7 @@ class VllmRunner(Runner):
             raise InvalidRequest(f"input is {len(ids)} tokens; the model's context is {context} tokens")
         return text, ids
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
         raise InvalidRequest(
             f"model '{self.model.ref.name}' runs on vLLM's generation engine, which cannot embed; "
             "set BACKEND=transformers to embed with it"

@@ -134,6 +134,15 @@ def test_embed_returns_normalized_vectors(client: ollama.Client) -> None:
     assert legacy == pytest.approx(vectors[0], abs=1e-5)
 
 
+def test_embed_truncates_long_input_unless_told_not_to(client: ollama.Client) -> None:
+    long_text = "the sky is blue " * 400  # far beyond the 512-token context
+    cut = client.embed(LLAMA, input=long_text)  # Ollama's default: truncate to fit
+    assert cut.prompt_eval_count == 512 and len(cut.embeddings[0]) == 64
+    with pytest.raises(ollama.ResponseError, match="context") as err:
+        client.embed(LLAMA, input=long_text, truncate=False)
+    assert err.value.status_code == 400
+
+
 def test_ps_reports_loaded_models_and_keep_alive(client: ollama.Client) -> None:
     client.generate(LLAMA, prompt="x", options={"num_predict": 1}, keep_alive="10m")
     [entry] = [m for m in client.ps().models if m.model == f"{LLAMA}:latest"]
