@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -12,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import get_runtime
 from api.ollama import final_stats
-from api.streaming import SSE_MEDIA_TYPE, started_stream, stream_generation
+from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
 from jobs.models import iso_utc
 from runners.base import Chunk, GenerationRequest, SamplingOptions
 from runners.generation import Generation, start_generation
@@ -56,18 +55,15 @@ async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> An
 
 
 async def _sse_events(generation: Generation, chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
-    def event(payload: dict[str, Any]) -> str:
-        return f"data: {json.dumps(payload)}\n\n"
-
     try:
         async for chunk in chunks:
             if chunk.text:
-                yield event({"delta": {"content": chunk.text}, "done": False})
+                yield sse_event({"delta": {"content": chunk.text}, "done": False})
     except Exception as exc:  # after the first byte the status is sent: report in-band
-        yield event({"error": str(exc), "done": True})
+        yield sse_event({"error": str(exc), "done": True})
         return
     assert generation.stats is not None
-    yield event({"delta": {}, "done": True, **final_stats(generation.stats)})
+    yield sse_event({"delta": {}, "done": True, **final_stats(generation.stats)})
 
 
 @router.get("/models")
