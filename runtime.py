@@ -6,12 +6,17 @@ API modules never import BentoML and tests can drive the same objects.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
+import metrics
 from jobs.puller import Puller
 from jobs.store import JobStore
 from runners.pool import ModelPool
 from settings import Settings
+
+_GAUGE_INTERVAL_SECONDS = 1.0
 
 
 class Runtime:
@@ -20,11 +25,24 @@ class Runtime:
         self.pool = ModelPool(settings)
         self.jobs = Puller(JobStore(settings.resolved_database_url), self.pool, settings)
         self.started_at = time.time()
+        self._gauges: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.pool.start()
         await self.jobs.start()
+        self._gauges = asyncio.create_task(self._sample_gauges(), name="metrics-gauges")
 
     async def stop(self) -> None:
+        if self._gauges:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
         await self.jobs.stop()
         await self.pool.close()
+
+    async def _sample_gauges(self) -> None:
+        """Batch sizes and queue depths change every step: sampled here, not in the decode loop."""
+        sampled: set[str] = set()
+        while True:
+            sampled = metrics.sample_pool(self.pool, sampled)
+            await asyncio.sleep(_GAUGE_INTERVAL_SECONDS)

@@ -7,11 +7,13 @@ from fastapi import FastAPI
 from api import jobs, native, ollama, openai, system
 from api.auth import ApiKeyMiddleware
 from api.errors import install_error_handlers
+from metrics import RequestMetricsMiddleware
 
 
 def create_app() -> FastAPI:
     app = FastAPI(title="ai-server", docs_url="/docs", openapi_url="/openapi.json")
     app.add_middleware(ApiKeyMiddleware)
+    app.add_middleware(RequestMetricsMiddleware)  # added last: outermost, so refused requests count too
     install_error_handlers(app)
     for module in (native, system, jobs, ollama, openai):
         app.include_router(module.router)

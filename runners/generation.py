@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import metrics
 from runners.base import Chunk, FinishReason, GenerationRequest, TokenLogprob
 from runners.pool import DEFAULT, KeepAlive, Lease, ModelPool
 
@@ -62,6 +63,7 @@ class Generation:
                         eval_duration_ns=now - (first_token_ns or now),
                         total_duration_ns=now - self._started_ns,
                     )
+                    metrics.record_generation(self._lease.entry.name, self.stats)
                 yield chunk
         finally:
             await self.close()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+import metrics
 from errors import ModelCoolingDown, ModelLoadFailed, ModelNotAllowed, ModelNotFound, ServerError
 from runners.backend import BackendChoice, choose_backend, load_runner
 from runners.base import Runner
@@ -230,6 +231,7 @@ class ModelPool:
                 keep_alive=self.settings.keep_alive,
             )
             log.info("loaded %s on %s (%s, %s) in %.2fs", name, backend.name, self.device, precision.mode, entry.load_duration_ns / 1e9)
+            metrics.record_load(name, backend.name, entry.load_duration_ns / 1e9)
             self._loaded[name] = entry
             # The measured size may exceed the estimate: shed older models until we fit.
             await self._evict_lru(lambda: self._over_budget(0), keep=name)

@@ -1,0 +1,125 @@
+"""Prometheus metrics, served on BentoML's own `/metrics` beside BentoML's request metrics.
+
+Names follow vLLM's (time_to_first_token_seconds, num_requests_running, ...) so existing
+dashboards read them. prometheus_client is imported on first use, inside the serving worker:
+BentoML sets PROMETHEUS_MULTIPROC_DIR there only after importing the service module, and a client
+imported earlier would not write where /metrics reads. Every series is recorded once per request
+or per model event, never in the per-token loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from runners.generation import GenerationStats
+    from runners.pool import ModelPool
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                    80.0)
+_TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+_LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+
+
+@dataclass(frozen=True)
+class _Series:
+    requests: Any
+    ttft: Any
+    inter_token: Any
+    e2e: Any
+    prompt_tokens: Any
+    generation_tokens: Any
+    running: Any
+    waiting: Any
+    loaded: Any
+    load_time: Any
+
+
+@lru_cache(maxsize=1)
+def _series() -> _Series:
+    """Created once per process (a second registration of a name is an error)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    model = ["model"]
+    return _Series(
+        requests=Counter("ai_server_requests_total", "HTTP requests by route and status",
+                         ["endpoint", "method", "status"]),
+        ttft=Histogram("time_to_first_token_seconds", "Time from request to first output token", model,
+                       buckets=_LATENCY_BUCKETS),
+        inter_token=Histogram("inter_token_latency_seconds", "Mean time between output tokens of a request",
+                              model, buckets=_TOKEN_GAP_BUCKETS),
+        e2e=Histogram("e2e_request_latency_seconds", "Time from request to last output token", model,
+                      buckets=_LATENCY_BUCKETS),
+        prompt_tokens=Counter("prompt_tokens", "Prompt tokens processed", model),
+        generation_tokens=Counter("generation_tokens", "Output tokens generated", model),
+        running=Gauge("num_requests_running", "Requests decoding in a model's batch", model,
+                      multiprocess_mode="livesum"),
+        waiting=Gauge("num_requests_waiting", "Requests queued for a place in a model's batch", model,
+                      multiprocess_mode="livesum"),
+        loaded=Gauge("models_loaded", "Models loaded in memory", multiprocess_mode="livesum"),
+        load_time=Histogram("model_load_seconds", "Time to load a model", ["model", "backend"],
+                            buckets=_LOAD_BUCKETS),
+    )
+
+
+def record_generation(model: str, stats: GenerationStats) -> None:
+    """One finished generation: latencies and token counts."""
+    series = _series()
+    series.ttft.labels(model).observe((stats.load_duration_ns + stats.prompt_eval_duration_ns) / 1e9)
+    series.e2e.labels(model).observe(stats.total_duration_ns / 1e9)
+    if stats.completion_tokens > 1:
+        series.inter_token.labels(model).observe(stats.eval_duration_ns / 1e9 / (stats.completion_tokens - 1))
+    series.prompt_tokens.labels(model).inc(stats.prompt_tokens)
+    series.generation_tokens.labels(model).inc(stats.completion_tokens)
+
+
+def record_load(model: str, backend: str, seconds: float) -> None:
+    _series().load_time.labels(model, backend).observe(seconds)
+
+
+def sample_pool(pool: ModelPool, previous: set[str]) -> set[str]:
+    """Refresh the gauges from the pool (the server calls this every second); returns the models
+    sampled, so a model unloaded since the last sample is set back to zero."""
+    series = _series()
+    loaded = pool.loaded()
+    series.loaded.set(len(loaded))
+    names = set()
+    for entry in loaded:
+        names.add(entry.name)
+        series.running.labels(entry.name).set(entry.runner.batch_size())
+        series.waiting.labels(entry.name).set(entry.runner.queue_depth())
+    for gone in previous - names:
+        series.running.labels(gone).set(0)
+        series.waiting.labels(gone).set(0)
+    return names
+
+
+class RequestMetricsMiddleware:
+    """Counts requests by route template (`/jobs/{job_id}`, not every id) and status. Pure ASGI, so
+    streaming responses and disconnects pass through untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def remember_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, remember_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            _series().requests.labels(endpoint, scope["method"], str(status)).inc()
