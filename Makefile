@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 # machines (scripts/install-vllm.sh). VLLM=no leaves it out: every model then runs on transformers.
 VLLM ?= yes
 
-.PHONY: install install-test serve test bento clean
+.PHONY: install install-test serve test bench bento clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ serve: install
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 bento: install
 	$(BIN)/bentoml build

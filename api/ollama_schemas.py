@@ -34,6 +34,7 @@ class Options(BaseModel):
     repeat_last_n: int | None = Field(None, ge=-1)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    ignore_eos: bool = False  # vLLM's extension, not Ollama's: fixed-length outputs for benchmarks
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -56,6 +57,7 @@ class Options(BaseModel):
             repeat_last_n=pick(self.repeat_last_n, DEFAULT_REPEAT_LAST_N),
             presence_penalty=pick(self.presence_penalty, 0.0),
             frequency_penalty=pick(self.frequency_penalty, 0.0),
+            ignore_eos=self.ignore_eos,
         )
 
 

@@ -119,7 +119,7 @@ def _save_seeded(dst: Path, config: PreTrainedConfig, model_class: type[PreTrain
 
 def build_tiny_llama(
     dst: Path, *, seed: int = 0, chat_template: bool = True, hidden_size: int = 64, layers: int = 2,
-    context: int = 512,
+    context: int = 512, intermediate_size: int = 128, heads: int = 4,
 ) -> Path:
     """A random-weight `LlamaForCausalLM` with its own tokenizer in `dst`; returns `dst`."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -129,10 +129,10 @@ def build_tiny_llama(
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden_size,
-        intermediate_size=128,
+        intermediate_size=intermediate_size,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=context,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

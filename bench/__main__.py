@@ -1,0 +1,124 @@
+"""Benchmark the serving stack: `python -m bench` (or `make bench`).
+
+Builds a random-weight Llama (no hub needed), serves it with the real `bentoml serve`, drives the
+OpenAI and Ollama streaming endpoints at each concurrency level, and in the same run measures the
+baselines: the same engine in-process on the same batch, and (transformers) one-request-at-a-time
+serving. Prints a markdown table with the targets' ratios; writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench.baselines import run_baseline
+from bench.loadgen import DIALECTS, run_round, summarize
+from bench.plot import render
+from bench.report import markdown, targets, write_json
+from tests.support.server_process import running_server
+from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
+
+MODEL = "bench/random-llama"
+PROMPT = "Tell me a long story about the sea, the wind and a small boat that " * 2
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated levels (default 1,4,8,16)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (fixed length)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per level; medians are reported")
+    parser.add_argument("--hidden", type=int, default=768, help="model width (768 with 12 layers: ~90M parameters)")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--backends", default="auto", help="transformers,vllm or auto (vLLM when importable)")
+    parser.add_argument("--quick", action="store_true", help="smallest size: a smoke check, not a measurement")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for JSON and PNG")
+    args = parser.parse_args()
+    if args.quick:
+        args.concurrency, args.max_tokens, args.repeats, args.hidden, args.layers = "1,2", 8, 1, 64, 2
+    return args
+
+
+def machine() -> dict[str, str]:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return {"description": f"{platform.machine()}, {os.cpu_count()} CPU cores, {device}, torch {torch.__version__}",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def http_rows(url: str, backend: str, kind: str, levels: list[int], args: argparse.Namespace,
+              dialects: tuple[str, ...] = DIALECTS) -> list[dict[str, Any]]:
+    rows = []
+    asyncio.run(run_round(url, dialects[0], MODEL, PROMPT, 2, 1))  # load and warm up
+    for dialect in dialects:
+        for level in levels:
+            rounds = [asyncio.run(run_round(url, dialect, MODEL, PROMPT, args.max_tokens, level))
+                      for _ in range(args.repeats)]
+            rows.append({"backend": backend, "kind": kind, "dialect": dialect, "concurrency": level,
+                         **summarize(rounds)})
+            print(f"  {backend} {kind} {dialect} x{level}: {rows[-1]['tokens_per_second']:.0f} tok/s", flush=True)
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    backends = ["transformers", "vllm"] if args.backends == "auto" else args.backends.split(",")
+    if "vllm" in backends and importlib.util.find_spec("vllm") is None:
+        print("vLLM is not installed: no vLLM rows")
+        backends.remove("vllm")
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        root = Path(tmp)
+        heads = max(1, args.hidden // 64)  # head size 64: vLLM's CPU attention has kernels for it
+        source = build_tiny_llama(root / "model", hidden_size=args.hidden, layers=args.layers,
+                                  intermediate_size=args.hidden * 8 // 3, heads=heads, context=2048)
+        install_into_hf_cache(source, root / "hf" / "hub", MODEL)
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        with torch.device("meta"):  # counts parameters without allocating them
+            parameters = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).num_parameters()
+        results: dict[str, Any] = {
+            "machine": machine(),
+            "config": {"parameters": parameters, "max_tokens": args.max_tokens, "repeats": args.repeats,
+                       "prompt_tokens": len(AutoTokenizer.from_pretrained(source)(PROMPT)["input_ids"]),
+                       "concurrency": levels, "reference_concurrency": 8 if 8 in levels else max(levels)},
+            "rows": [],
+        }
+        base_env = {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "DATA_DIR": str(root / "data"),
+                    "BENTOML_HOME": str(root / "bentoml"), "MAX_BATCH_SIZE": str(max(levels)), "MAX_QUEUE": "256",
+                    "KEEP_ALIVE": "-1"}
+        for backend in backends:
+            print(f"{backend}: in-process baseline", flush=True)
+            for level, measured in run_baseline(backend, source, PROMPT, args.max_tokens, args.repeats, levels).items():
+                results["rows"].append({"backend": backend, "kind": "in-process", "dialect": None, "concurrency": level,
+                                        "ttft_p50_ms": measured["ttft_ms"], "tokens_per_second": measured["tokens_per_second"],
+                                        "requests_per_second": measured["tokens_per_second"] / args.max_tokens})
+            print(f"{backend}: over HTTP", flush=True)
+            with running_server({**base_env, "BACKEND": backend}, root / f"{backend}.log") as url:
+                results["rows"] += http_rows(url, backend, "http", levels, args)
+        if "transformers" in backends:
+            print("transformers: one request at a time", flush=True)
+            serial_env = {**base_env, "BACKEND": "transformers", "MAX_BATCH_SIZE": "1"}
+            with running_server(serial_env, root / "serial.log") as url:
+                reference = results["config"]["reference_concurrency"]
+                results["rows"] += http_rows(url, "transformers", "one-at-a-time", [reference], args, ("openai",))
+    results["targets"] = targets(results)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    write_json(results, args.out / f"bench-{stamp}.json")
+    render(results, args.out / f"bench-{stamp}.png")
+    print()
+    print(markdown(results))
+    print(f"\nWrote {args.out / f'bench-{stamp}.json'} and {args.out / f'bench-{stamp}.png'}")
+
+
+if __name__ == "__main__":
+    main()

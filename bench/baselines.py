@@ -1,0 +1,78 @@
+"""The baselines: the same engine called in-process, no HTTP, on the same batch.
+
+Run as `python -m bench.baselines ENGINE MODEL_DIR PROMPT MAX_TOKENS REPEATS BATCH...`; prints one
+JSON object. The benchmark runs each in a subprocess of its own, so a baseline's memory and threads
+never compete with a server under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def run_baseline(engine: str, model_dir: Path, prompt: str, max_tokens: int, repeats: int,
+                 batches: list[int]) -> dict[int, dict[str, float]]:
+    """{batch size: {"tokens_per_second", "ttft_ms"}} for `engine` ("transformers" or "vllm")."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    args = [sys.executable, "-m", "bench.baselines", engine, str(model_dir), prompt, str(max_tokens), str(repeats),
+            *map(str, batches)]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
+    return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def _transformers(model_dir: str, prompt: str, max_tokens: int, repeats: int, batches: list[int]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the server loads
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+    def generate(batch: int, new_tokens: int) -> float:
+        inputs = tokenizer([prompt] * batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    return _measure(generate, max_tokens, repeats, batches)
+
+
+def _vllm(model_dir: str, prompt: str, max_tokens: int, repeats: int, batches: list[int]) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, enforce_eager=True, seed=0, max_model_len=2048)
+
+    def generate(batch: int, new_tokens: int) -> float:
+        params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0)
+        started = time.perf_counter()
+        llm.generate([prompt] * batch, params, use_tqdm=False)
+        return time.perf_counter() - started
+
+    return _measure(generate, max_tokens, repeats, batches)
+
+
+def _measure(generate: Callable[[int, int], float], max_tokens: int, repeats: int, batches: list[int]) -> dict:
+    """Median throughput of full-length runs, and median time to a first token (a one-token run)."""
+    generate(1, 2)  # warm up
+    return {batch: {"tokens_per_second": statistics.median(batch * max_tokens / generate(batch, max_tokens)
+                                                           for _ in range(repeats)),
+                    "ttft_ms": statistics.median(generate(batch, 1) for _ in range(repeats)) * 1000}
+            for batch in batches}
+
+
+if __name__ == "__main__":
+    engine, model_dir, prompt, max_tokens, repeats, *batches = sys.argv[1:]
+    run = {"transformers": _transformers, "vllm": _vllm}[engine]
+    print(json.dumps(run(model_dir, prompt, int(max_tokens), int(repeats), [int(b) for b in batches])))

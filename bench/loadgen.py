@@ -1,0 +1,107 @@
+"""The load generator: concurrent streaming requests over HTTP, timed per token as a client sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import httpx
+
+DIALECTS = ("openai", "ollama")
+
+
+@dataclass
+class RequestTiming:
+    ttft: float  # seconds from sending the request to the first token
+    token_gaps: list[float]  # seconds between consecutive streamed pieces
+    tokens: int  # output tokens, as the server counted them
+
+
+@dataclass
+class LoadResult:
+    """One round: `concurrency` requests sent at once."""
+
+    concurrency: int
+    wall: float
+    requests: list[RequestTiming]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(r.tokens for r in self.requests) / self.wall
+
+    @property
+    def requests_per_second(self) -> float:
+        return len(self.requests) / self.wall
+
+
+def _request(dialect: str, model: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
+    """The streaming request for `dialect`, with a fixed output length (ignore_eos)."""
+    if dialect == "openai":
+        return "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                   "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    return "/api/generate", {"model": model, "prompt": prompt, "raw": True, "stream": True,
+                             "options": {"num_predict": max_tokens, "temperature": 0, "ignore_eos": True}}
+
+
+def _parse(dialect: str, line: str) -> tuple[bool, int | None]:
+    """(whether the line carries output text, the final token count if it has one)."""
+    if dialect == "openai":
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            return False, None
+        event = json.loads(line[6:])
+        if event.get("usage"):
+            return False, event["usage"]["completion_tokens"]
+        return bool(event["choices"] and event["choices"][0].get("text")), None
+    event = json.loads(line)
+    return bool(event.get("response")), event.get("eval_count") if event.get("done") else None
+
+
+async def _one(client: httpx.AsyncClient, dialect: str, model: str, prompt: str, max_tokens: int) -> RequestTiming:
+    path, body = _request(dialect, model, prompt, max_tokens)
+    started = time.perf_counter()
+    arrivals: list[float] = []
+    tokens = 0
+    async with client.stream("POST", path, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line:
+                continue
+            has_text, count = _parse(dialect, line)
+            if has_text:
+                arrivals.append(time.perf_counter())
+            if count is not None:
+                tokens = count
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    return RequestTiming(arrivals[0] - started, gaps, tokens)
+
+
+async def run_round(url: str, dialect: str, model: str, prompt: str, max_tokens: int, concurrency: int) -> LoadResult:
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        started = time.perf_counter()
+        timings = await asyncio.gather(*(_one(client, dialect, model, prompt, max_tokens) for _ in range(concurrency)))
+        return LoadResult(concurrency, time.perf_counter() - started, list(timings))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), interpolated; the one value for a single sample."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def summarize(rounds: list[LoadResult]) -> dict[str, float]:
+    """Latency percentiles over every request of every round; throughput as the median round."""
+    ttfts = [r.ttft for round_ in rounds for r in round_.requests]
+    gaps = [g for round_ in rounds for r in round_.requests for g in r.token_gaps] or [0.0]
+    return {
+        "ttft_p50_ms": percentile(ttfts, 50) * 1000,
+        "ttft_p95_ms": percentile(ttfts, 95) * 1000,
+        "itl_p50_ms": percentile(gaps, 50) * 1000,
+        "itl_p95_ms": percentile(gaps, 95) * 1000,
+        "tokens_per_second": statistics.median(r.tokens_per_second for r in rounds),
+        "requests_per_second": statistics.median(r.requests_per_second for r in rounds),
+    }

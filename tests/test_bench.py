@@ -1,0 +1,34 @@
+"""The benchmark end to end at its smallest size: a smoke check of its outputs, not of speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--backends", "transformers", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| backend | measured | dialect | concurrency | TTFT p50 ms |" in done.stdout
+    assert "| target | measured | met |" in done.stdout
+
+    [saved] = tmp_path.glob("bench-*.json")
+    results = json.loads(saved.read_text())
+    measured = {(r["backend"], r["kind"], r["dialect"], r["concurrency"]) for r in results["rows"]}
+    assert measured == {
+        ("transformers", "in-process", None, 1), ("transformers", "in-process", None, 2),
+        ("transformers", "http", "openai", 1), ("transformers", "http", "openai", 2),
+        ("transformers", "http", "ollama", 1), ("transformers", "http", "ollama", 2),
+        ("transformers", "one-at-a-time", "openai", 2),
+    }
+    assert all(r["tokens_per_second"] > 0 and r["ttft_p50_ms"] > 0 for r in results["rows"])
+    http = [r for r in results["rows"] if r["kind"] != "in-process"]
+    assert all(r["ttft_p95_ms"] >= r["ttft_p50_ms"] and r["itl_p95_ms"] >= r["itl_p50_ms"] for r in http)
+    assert {t["target"].split(":")[0] for t in results["targets"]} == {"transformers"}
+    [plot] = tmp_path.glob("bench-*.png")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
