@@ -3,8 +3,9 @@
 Names follow vLLM's (time_to_first_token_seconds, num_requests_running, ...) so existing
 dashboards read them. prometheus_client is imported on first use, inside the serving worker:
 BentoML sets PROMETHEUS_MULTIPROC_DIR there only after importing the service module, and a client
-imported earlier would not write where /metrics reads. Every series is recorded once per request
-or per model event, never in the per-token loop.
+imported earlier would not write where /metrics reads. (`bentoml.metrics` is only that deferred
+import, deprecated in BentoML 1.4 in favour of prometheus_client.) Every series is recorded once
+per request or per model event, never in the per-token loop.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
-
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from runners.generation import GenerationStats
@@ -46,7 +45,7 @@ def _series() -> _Series:
 
     model = ["model"]
     return _Series(
-        requests=Counter("ai_server_requests_total", "HTTP requests by route and status",
+        requests=Counter("requests", "HTTP requests by route template and status",
                          ["endpoint", "method", "status"]),
         ttft=Histogram("time_to_first_token_seconds", "Time from request to first output token", model,
                        buckets=_LATENCY_BUCKETS),
@@ -98,28 +97,5 @@ def sample_pool(pool: ModelPool, previous: set[str]) -> set[str]:
     return names
 
 
-class RequestMetricsMiddleware:
-    """Counts requests by route template (`/jobs/{job_id}`, not every id) and status. Pure ASGI, so
-    streaming responses and disconnects pass through untouched."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def remember_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, remember_status)
-        finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            _series().requests.labels(endpoint, scope["method"], str(status)).inc()
+def record_request(endpoint: str, method: str, status: int) -> None:
+    _series().requests.labels(endpoint, method, str(status)).inc()

@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from api import jobs, native, ollama, openai, system
 from api.auth import ApiKeyMiddleware
 from api.errors import install_error_handlers
-from metrics import RequestMetricsMiddleware
+from api.request_metrics import RequestMetricsMiddleware
 
 
 def create_app() -> FastAPI:

@@ -16,21 +16,23 @@ from tests.support.server_process import running_server
 from tests.support.tiny_models import install_into_hf_cache
 
 MODEL = "test-org/tiny-llama"
+KEY = "metrics-test-key"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator[str]:
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator[httpx.Client]:
     root = tmp_path_factory.mktemp("metrics")
     install_into_hf_cache(tiny_llama_dir, root / "hf" / "hub", MODEL)
     env = {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, "DATA_DIR": str(root / "data"),
-           "BENTOML_HOME": str(root / "bentoml")}
-    with running_server(env, root / "server.log") as url:
-        yield url
+           "BENTOML_HOME": str(root / "bentoml"), "API_KEYS": KEY}
+    with running_server(env, root / "server.log") as url, \
+            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
+        yield client
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+def scrape(client: httpx.Client) -> dict[tuple[str, frozenset], float]:
     """Every sample on /metrics, keyed by name and labels."""
-    text = httpx.get(f"{url}/metrics").text
+    text = client.get("/metrics").text
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -39,25 +41,28 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def test_generation_request_and_model_metrics(server: str) -> None:
-    chats = [httpx.post(f"{server}/chat", json={"model": MODEL, "max_tokens": n, "temperature": 0,
-                                                 "messages": [{"role": "user", "content": "count"}]}, timeout=60).json()
+def test_generation_request_and_model_metrics(server: httpx.Client) -> None:
+    chats = [server.post("/chat", json={"model": MODEL, "max_tokens": n, "temperature": 0,
+                                        "messages": [{"role": "user", "content": "count"}]}).json()
              for n in (5, 9)]
-    streamed = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4,
-                                                            "ignore_eos": True, "stream": True,
-                                                            "stream_options": {"include_usage": True}}, timeout=60)
+    streamed = server.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4, "ignore_eos": True,
+                                                    "stream": True, "stream_options": {"include_usage": True}})
     usage = json.loads(streamed.text.split("data: ")[-2])["usage"]
-    assert httpx.post(f"{server}/chat", json={"model": "test-org/absent", "messages": [
+    assert server.post("/chat", json={"model": "test-org/absent", "messages": [
         {"role": "user", "content": "x"}]}).status_code == 404
-    assert httpx.get(f"{server}/jobs/not-a-job").status_code == 404
+    assert server.get("/jobs/not-a-job").status_code == 404
+    assert server.get("/jobs/another-job", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert server.get("/no/such/path").status_code == 404
     time.sleep(1.5)  # the gauges are sampled every second
 
     samples = scrape(server)
-    # Requests by route template and status (the job id is not a label value).
-    assert value(samples, "ai_server_requests_total", endpoint="/chat", method="POST", status="200") == 2
-    assert value(samples, "ai_server_requests_total", endpoint="/chat", method="POST", status="404") == 1
-    assert value(samples, "ai_server_requests_total", endpoint="/v1/completions", method="POST", status="200") == 1
-    assert value(samples, "ai_server_requests_total", endpoint="/jobs/{job_id}", method="GET", status="404") == 1
+    # Requests by route template and status: job ids and unknown paths are not label values.
+    assert value(samples, "requests_total", endpoint="/chat", method="POST", status="200") == 2
+    assert value(samples, "requests_total", endpoint="/chat", method="POST", status="404") == 1
+    assert value(samples, "requests_total", endpoint="/v1/completions", method="POST", status="200") == 1
+    assert value(samples, "requests_total", endpoint="/jobs/{job_id}", method="GET", status="404") == 1
+    assert value(samples, "requests_total", endpoint="/jobs/{job_id}", method="GET", status="401") == 1
+    assert not [labels for name, labels in samples if name == "requests_total" and ("endpoint", "/no/such/path") in labels]
     # Tokens and latencies, once per generation.
     generated = sum(c["eval_count"] for c in chats) + usage["completion_tokens"]
     assert value(samples, "generation_tokens_total", model=MODEL) == generated
