@@ -13,6 +13,7 @@ import asyncio
 import importlib.util
 import os
 import platform
+import statistics
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.baselines import run_baseline
-from bench.loadgen import DIALECTS, run_round, summarize
+from bench.loadgen import DIALECTS, run_round, server_ttft, single_stream_ttfts, summarize
 from bench.plot import render
 from bench.report import markdown, targets, write_json
 from tests.support.server_process import running_server
@@ -35,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated levels (default 1,4,8,16)")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (fixed length)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per level; medians are reported")
+    parser.add_argument("--ttft-samples", type=int, default=20, help="single requests timed for the TTFT target")
     parser.add_argument("--hidden", type=int, default=768, help="model width (768 with 12 layers: ~90M parameters)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--backends", default="auto", help="transformers,vllm or auto (vLLM when importable)")
@@ -43,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.quick:
         args.concurrency, args.max_tokens, args.repeats, args.hidden, args.layers = "1,2", 8, 1, 64, 2
+        args.ttft_samples = 3
     return args
 
 
@@ -68,6 +71,20 @@ def http_rows(url: str, backend: str, kind: str, levels: list[int], args: argpar
     return rows
 
 
+def single_stream_rows(url: str, backend: str, samples: int) -> list[dict[str, Any]]:
+    """TTFT of one stream at a time, per dialect: as the client sees it, and as the server's
+    /metrics records it (from request start inside the server to the first token)."""
+    rows = []
+    for dialect in DIALECTS:
+        sum_before, count_before = server_ttft(url)
+        ttfts = asyncio.run(single_stream_ttfts(url, dialect, MODEL, PROMPT, samples))
+        sum_after, count_after = server_ttft(url)
+        rows.append({"backend": backend, "dialect": dialect, "samples": samples,
+                     "http_p50_ms": statistics.median(ttfts) * 1000, "http_mean_ms": statistics.mean(ttfts) * 1000,
+                     "server_mean_ms": (sum_after - sum_before) / (count_after - count_before) * 1000})
+    return rows
+
+
 def main() -> None:
     args = parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -89,22 +106,27 @@ def main() -> None:
         results: dict[str, Any] = {
             "machine": machine(),
             "config": {"parameters": parameters, "max_tokens": args.max_tokens, "repeats": args.repeats,
+                       "ttft_samples": args.ttft_samples,
                        "prompt_tokens": len(AutoTokenizer.from_pretrained(source)(PROMPT)["input_ids"]),
                        "concurrency": levels, "reference_concurrency": 8 if 8 in levels else max(levels)},
             "rows": [],
+            "single_stream_ttft": [],
         }
         base_env = {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "DATA_DIR": str(root / "data"),
                     "BENTOML_HOME": str(root / "bentoml"), "MAX_BATCH_SIZE": str(max(levels)), "MAX_QUEUE": "256",
                     "KEEP_ALIVE": "-1"}
         for backend in backends:
             print(f"{backend}: in-process baseline", flush=True)
-            for level, measured in run_baseline(backend, source, PROMPT, args.max_tokens, args.repeats, levels).items():
+            baseline = run_baseline(backend, source, PROMPT, args.max_tokens, args.repeats, args.ttft_samples, levels)
+            for level, measured in baseline.items():
                 results["rows"].append({"backend": backend, "kind": "in-process", "dialect": None, "concurrency": level,
-                                        "ttft_p50_ms": measured["ttft_ms"], "tokens_per_second": measured["tokens_per_second"],
+                                        "ttft_p50_ms": measured["ttft_ms"],
+                                        "tokens_per_second": measured["tokens_per_second"],
                                         "requests_per_second": measured["tokens_per_second"] / args.max_tokens})
             print(f"{backend}: over HTTP", flush=True)
             with running_server({**base_env, "BACKEND": backend}, root / f"{backend}.log") as url:
                 results["rows"] += http_rows(url, backend, "http", levels, args)
+                results["single_stream_ttft"] += single_stream_rows(url, backend, args.ttft_samples)
         if "transformers" in backends:
             print("transformers: one request at a time", flush=True)
             serial_env = {**base_env, "BACKEND": "transformers", "MAX_BATCH_SIZE": "1"}

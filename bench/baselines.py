@@ -1,6 +1,6 @@
 """The baselines: the same engine called in-process, no HTTP, on the same batch.
 
-Run as `python -m bench.baselines ENGINE MODEL_DIR PROMPT MAX_TOKENS REPEATS BATCH...`; prints one
+Run as `python -m bench.baselines ENGINE MODEL_DIR PROMPT MAX_TOKENS REPEATS TTFT_SAMPLES BATCH...`; prints one
 JSON object. The benchmark runs each in a subprocess of its own, so a baseline's memory and threads
 never compete with a server under test.
 """
@@ -17,17 +17,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def run_baseline(engine: str, model_dir: Path, prompt: str, max_tokens: int, repeats: int,
+def run_baseline(engine: str, model_dir: Path, prompt: str, max_tokens: int, repeats: int, ttft_samples: int,
                  batches: list[int]) -> dict[int, dict[str, float]]:
     """{batch size: {"tokens_per_second", "ttft_ms"}} for `engine` ("transformers" or "vllm")."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     args = [sys.executable, "-m", "bench.baselines", engine, str(model_dir), prompt, str(max_tokens), str(repeats),
-            *map(str, batches)]
+            str(ttft_samples), *map(str, batches)]
     done = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
     return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
-def _transformers(model_dir: str, prompt: str, max_tokens: int, repeats: int, batches: list[int]) -> dict:
+def _transformers(model_dir: str, prompt: str, max_tokens: int, repeats: int, ttft_samples: int,
+                  batches: list[int]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,10 +47,10 @@ def _transformers(model_dir: str, prompt: str, max_tokens: int, repeats: int, ba
             torch.cuda.synchronize()
         return time.perf_counter() - started
 
-    return _measure(generate, max_tokens, repeats, batches)
+    return _measure(generate, max_tokens, repeats, ttft_samples, batches)
 
 
-def _vllm(model_dir: str, prompt: str, max_tokens: int, repeats: int, batches: list[int]) -> dict:
+def _vllm(model_dir: str, prompt: str, max_tokens: int, repeats: int, ttft_samples: int, batches: list[int]) -> dict:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_dir, enforce_eager=True, seed=0, max_model_len=2048)
@@ -60,19 +61,22 @@ def _vllm(model_dir: str, prompt: str, max_tokens: int, repeats: int, batches: l
         llm.generate([prompt] * batch, params, use_tqdm=False)
         return time.perf_counter() - started
 
-    return _measure(generate, max_tokens, repeats, batches)
+    return _measure(generate, max_tokens, repeats, ttft_samples, batches)
 
 
-def _measure(generate: Callable[[int, int], float], max_tokens: int, repeats: int, batches: list[int]) -> dict:
-    """Median throughput of full-length runs, and median time to a first token (a one-token run)."""
+def _measure(generate: Callable[[int, int], float], max_tokens: int, repeats: int, ttft_samples: int,
+             batches: list[int]) -> dict:
+    """Median throughput of `repeats` full-length runs, and median time to a first token (a one-token
+    run) over `ttft_samples` runs: prefill times vary by a few ms, and TTFT targets are that fine."""
     generate(1, 2)  # warm up
     return {batch: {"tokens_per_second": statistics.median(batch * max_tokens / generate(batch, max_tokens)
                                                            for _ in range(repeats)),
-                    "ttft_ms": statistics.median(generate(batch, 1) for _ in range(repeats)) * 1000}
+                    "ttft_ms": statistics.median(generate(batch, 1) for _ in range(ttft_samples)) * 1000}
             for batch in batches}
 
 
 if __name__ == "__main__":
-    engine, model_dir, prompt, max_tokens, repeats, *batches = sys.argv[1:]
+    engine, model_dir, prompt, max_tokens, repeats, ttft_samples, *batches = sys.argv[1:]
     run = {"transformers": _transformers, "vllm": _vllm}[engine]
-    print(json.dumps(run(model_dir, prompt, int(max_tokens), int(repeats), [int(b) for b in batches])))
+    measured = run(model_dir, prompt, int(max_tokens), int(repeats), int(ttft_samples), [int(b) for b in batches])
+    print(json.dumps(measured))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import statistics
 import time
@@ -74,7 +75,7 @@ async def _one(client: httpx.AsyncClient, dialect: str, model: str, prompt: str,
                 arrivals.append(time.perf_counter())
             if count is not None:
                 tokens = count
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     return RequestTiming(arrivals[0] - started, gaps, tokens)
 
 
@@ -84,6 +85,21 @@ async def run_round(url: str, dialect: str, model: str, prompt: str, max_tokens:
         started = time.perf_counter()
         timings = await asyncio.gather(*(_one(client, dialect, model, prompt, max_tokens) for _ in range(concurrency)))
         return LoadResult(concurrency, time.perf_counter() - started, list(timings))
+
+
+async def single_stream_ttfts(url: str, dialect: str, model: str, prompt: str, samples: int) -> list[float]:
+    """Time to first token of `samples` requests sent one after another. Each asks for 2 tokens, so
+    the first is delivered while the engine computes the next, as in any longer request."""
+    return [(await run_round(url, dialect, model, prompt, 2, 1)).requests[0].ttft for _ in range(samples)]
+
+
+def server_ttft(url: str) -> tuple[float, float]:
+    """(sum in seconds, count) of the server's own time_to_first_token_seconds, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name: s.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+               for s in family.samples if s.name.startswith("time_to_first_token_seconds")}
+    return samples.get("time_to_first_token_seconds_sum", 0.0), samples.get("time_to_first_token_seconds_count", 0.0)
 
 
 def percentile(values: list[float], q: float) -> float:
