@@ -2,8 +2,9 @@
 
 Builds a random-weight Llama (no hub needed), serves it with the real `bentoml serve`, drives the
 OpenAI and Ollama streaming endpoints at each concurrency level, and in the same run measures the
-baselines: the same engine in-process on the same batch, and (transformers) one-request-at-a-time
-serving. Prints a markdown table with the targets' ratios; writes JSON and a PNG plot.
+baselines: the same engine in-process on the same batch, the server's own runner in-process (no
+HTTP), and (transformers) one-request-at-a-time serving. Prints a markdown table with the targets'
+ratios; writes JSON and a PNG plot.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def machine() -> dict[str, str]:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def baseline_rows(backend: str, kind: str, measured: dict[int, dict[str, float]], max_tokens: int) -> list[dict]:
+    return [{"backend": backend, "kind": kind, "dialect": None, "concurrency": level, "ttft_p50_ms": m["ttft_ms"],
+             "tokens_per_second": m["tokens_per_second"], "requests_per_second": m["tokens_per_second"] / max_tokens}
+            for level, m in measured.items()]
+
+
 def http_rows(url: str, backend: str, kind: str, levels: list[int], args: argparse.Namespace,
               dialects: tuple[str, ...] = DIALECTS) -> list[dict[str, Any]]:
     rows = []
@@ -67,7 +74,8 @@ def http_rows(url: str, backend: str, kind: str, levels: list[int], args: argpar
                       for _ in range(args.repeats)]
             rows.append({"backend": backend, "kind": kind, "dialect": dialect, "concurrency": level,
                          **summarize(rounds)})
-            print(f"  {backend} {kind} {dialect} x{level}: {rows[-1]['tokens_per_second']:.0f} tok/s", flush=True)
+            print(f"  {backend} {kind} {dialect} x{level}: {rows[-1]['tokens_per_second']:.0f} tok/s, load generator "
+                  f"{rows[-1]['client_cpu_cores']:.2f} cores", flush=True)
     return rows
 
 
@@ -116,15 +124,16 @@ def main() -> None:
                     "BENTOML_HOME": str(root / "bentoml"), "MAX_BATCH_SIZE": str(max(levels)), "MAX_QUEUE": "256",
                     "KEEP_ALIVE": "-1"}
         for backend in backends:
+            server_env = {**base_env, "BACKEND": backend}
+            measure = (args.max_tokens, args.repeats, args.ttft_samples, levels)
             print(f"{backend}: in-process baseline", flush=True)
-            baseline = run_baseline(backend, source, PROMPT, args.max_tokens, args.repeats, args.ttft_samples, levels)
-            for level, measured in baseline.items():
-                results["rows"].append({"backend": backend, "kind": "in-process", "dialect": None, "concurrency": level,
-                                        "ttft_p50_ms": measured["ttft_ms"],
-                                        "tokens_per_second": measured["tokens_per_second"],
-                                        "requests_per_second": measured["tokens_per_second"] / args.max_tokens})
+            raw = run_baseline(backend, str(source), PROMPT, *measure)
+            results["rows"] += baseline_rows(backend, "in-process", raw, args.max_tokens)
+            print(f"{backend}: the server's runner without HTTP", flush=True)
+            runner = run_baseline("runner", MODEL, PROMPT, *measure, server_env)
+            results["rows"] += baseline_rows(backend, "runner", runner, args.max_tokens)
             print(f"{backend}: over HTTP", flush=True)
-            with running_server({**base_env, "BACKEND": backend}, root / f"{backend}.log") as url:
+            with running_server(server_env, root / f"{backend}.log") as url:
                 results["rows"] += http_rows(url, backend, "http", levels, args)
                 results["single_stream_ttft"] += single_stream_rows(url, backend, args.ttft_samples)
         if "transformers" in backends:

@@ -1,12 +1,17 @@
 """The baselines: the same engine called in-process, no HTTP, on the same batch.
 
-Run as `python -m bench.baselines ENGINE MODEL_DIR PROMPT MAX_TOKENS REPEATS TTFT_SAMPLES BATCH...`; prints one
+`transformers` and `vllm` are the raw engines (HF `generate`, vLLM's `LLM.generate`) on a model
+folder; `runner` is the server's own engine path (model pool, runner, batching) on a model in the
+HF cache, so the benchmark can tell what the server's engine costs from what HTTP costs.
+
+Run as `python -m bench.baselines ENGINE MODEL PROMPT MAX_TOKENS REPEATS TTFT_SAMPLES BATCH...`; prints one
 JSON object. The benchmark runs each in a subprocess of its own, so a baseline's memory and threads
 never compete with a server under test.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -14,16 +19,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+# vLLM's synchronous LLM in this one process (the server's AsyncLLM always runs its own processes).
+_ENGINE_ENV = {"vllm": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}}
 
 
-def run_baseline(engine: str, model_dir: Path, prompt: str, max_tokens: int, repeats: int, ttft_samples: int,
-                 batches: list[int]) -> dict[int, dict[str, float]]:
-    """{batch size: {"tokens_per_second", "ttft_ms"}} for `engine` ("transformers" or "vllm")."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    args = [sys.executable, "-m", "bench.baselines", engine, str(model_dir), prompt, str(max_tokens), str(repeats),
+def run_baseline(engine: str, model: str, prompt: str, max_tokens: int, repeats: int, ttft_samples: int,
+                 batches: list[int], env: dict[str, str] | None = None) -> dict[int, dict[str, float]]:
+    """{batch size: {"tokens_per_second", "ttft_ms"}} for `engine` ("transformers", "vllm" or "runner");
+    `env` adds to the environment (the runner reads the server's settings from it)."""
+    env = {**os.environ, **_ENGINE_ENV.get(engine, {}), **(env or {})}
+    args = [sys.executable, "-m", "bench.baselines", engine, model, prompt, str(max_tokens), str(repeats),
             str(ttft_samples), *map(str, batches)]
-    done = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
+    done = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
+    if done.returncode:
+        raise RuntimeError(f"the {engine} baseline failed:\n{done.stderr[-3000:]}")
     return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
@@ -64,11 +74,47 @@ def _vllm(model_dir: str, prompt: str, max_tokens: int, repeats: int, ttft_sampl
     return _measure(generate, max_tokens, repeats, ttft_samples, batches)
 
 
+def _runner(model: str, prompt: str, max_tokens: int, repeats: int, ttft_samples: int, batches: list[int]) -> dict:
+    import asyncio
+
+    from runners.base import GenerationRequest, SamplingOptions
+    from runners.generation import start_generation
+    from runners.pool import ModelPool
+    from settings import load_settings
+
+    loop = asyncio.new_event_loop()  # one loop throughout: the runner binds to the loop it first serves
+    pool = ModelPool(load_settings())
+
+    async def start() -> None:
+        pool.start()
+
+    async def one(new_tokens: int) -> None:
+        options = SamplingOptions(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+        generation = await start_generation(pool, model, GenerationRequest(prompt=prompt, options=options))
+        async for _ in generation.stream():
+            pass
+
+    async def together(batch: int, new_tokens: int) -> None:
+        await asyncio.gather(*(one(new_tokens) for _ in range(batch)))
+
+    def generate(batch: int, new_tokens: int) -> float:
+        started = time.perf_counter()
+        loop.run_until_complete(together(batch, new_tokens))
+        return time.perf_counter() - started
+
+    loop.run_until_complete(start())
+    try:
+        return _measure(generate, max_tokens, repeats, ttft_samples, batches)
+    finally:
+        loop.run_until_complete(pool.close())
+
+
 def _measure(generate: Callable[[int, int], float], max_tokens: int, repeats: int, ttft_samples: int,
              batches: list[int]) -> dict:
     """Median throughput of `repeats` full-length runs, and median time to a first token (a one-token
     run) over `ttft_samples` runs: prefill times vary by a few ms, and TTFT targets are that fine."""
     generate(1, 2)  # warm up
+    gc.collect()  # loading leaves a full collection due (~0.2 s on this heap): not inside a timed run
     return {batch: {"tokens_per_second": statistics.median(batch * max_tokens / generate(batch, max_tokens)
                                                            for _ in range(repeats)),
                     "ttft_ms": statistics.median(generate(batch, 1) for _ in range(ttft_samples)) * 1000}
@@ -76,7 +122,7 @@ def _measure(generate: Callable[[int, int], float], max_tokens: int, repeats: in
 
 
 if __name__ == "__main__":
-    engine, model_dir, prompt, max_tokens, repeats, ttft_samples, *batches = sys.argv[1:]
-    run = {"transformers": _transformers, "vllm": _vllm}[engine]
-    measured = run(model_dir, prompt, int(max_tokens), int(repeats), int(ttft_samples), [int(b) for b in batches])
+    engine, model, prompt, max_tokens, repeats, ttft_samples, *batches = sys.argv[1:]
+    run = {"transformers": _transformers, "vllm": _vllm, "runner": _runner}[engine]
+    measured = run(model, prompt, int(max_tokens), int(repeats), int(ttft_samples), [int(b) for b in batches])
     print(json.dumps(measured))

@@ -27,6 +27,7 @@ class LoadResult:
 
     concurrency: int
     wall: float
+    client_cpu: float  # CPU seconds the load generator itself spent: on a small machine, taken from the server
     requests: list[RequestTiming]
 
     @property
@@ -82,9 +83,9 @@ async def _one(client: httpx.AsyncClient, dialect: str, model: str, prompt: str,
 async def run_round(url: str, dialect: str, model: str, prompt: str, max_tokens: int, concurrency: int) -> LoadResult:
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         timings = await asyncio.gather(*(_one(client, dialect, model, prompt, max_tokens) for _ in range(concurrency)))
-        return LoadResult(concurrency, time.perf_counter() - started, list(timings))
+        return LoadResult(concurrency, time.perf_counter() - started, time.process_time() - cpu, list(timings))
 
 
 async def single_stream_ttfts(url: str, dialect: str, model: str, prompt: str, samples: int) -> list[float]:
@@ -120,4 +121,5 @@ def summarize(rounds: list[LoadResult]) -> dict[str, float]:
         "itl_p95_ms": percentile(gaps, 95) * 1000,
         "tokens_per_second": statistics.median(r.tokens_per_second for r in rounds),
         "requests_per_second": statistics.median(r.requests_per_second for r in rounds),
+        "client_cpu_cores": statistics.median(r.client_cpu / r.wall for r in rounds),
     }

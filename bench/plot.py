@@ -22,7 +22,7 @@ def render(results: dict[str, Any], path: Path) -> None:
     for label, rows in series.items():
         rows.sort(key=lambda r: r["concurrency"])
         levels = [r["concurrency"] for r in rows]
-        style = "--" if "in-process" in label or "one-at-a-time" in label else "-"
+        style = "-" if rows[0]["kind"] == "http" else "--"  # dashed: the baselines
         throughput.plot(levels, [r["tokens_per_second"] for r in rows], style, marker="o", label=label)
         ttft.plot(levels, [r["ttft_p50_ms"] for r in rows], style, marker="o", label=label)
     throughput.set(title="Output tokens/s", xlabel="concurrent streams", ylabel="tokens/s")

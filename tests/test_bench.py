@@ -21,13 +21,15 @@ def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path: Path
     measured = {(r["backend"], r["kind"], r["dialect"], r["concurrency"]) for r in results["rows"]}
     assert measured == {
         ("transformers", "in-process", None, 1), ("transformers", "in-process", None, 2),
+        ("transformers", "runner", None, 1), ("transformers", "runner", None, 2),
         ("transformers", "http", "openai", 1), ("transformers", "http", "openai", 2),
         ("transformers", "http", "ollama", 1), ("transformers", "http", "ollama", 2),
         ("transformers", "one-at-a-time", "openai", 2),
     }
     assert all(r["tokens_per_second"] > 0 and r["ttft_p50_ms"] > 0 for r in results["rows"])
-    http = [r for r in results["rows"] if r["kind"] != "in-process"]
+    http = [r for r in results["rows"] if r["kind"] in ("http", "one-at-a-time")]
     assert all(r["ttft_p95_ms"] >= r["ttft_p50_ms"] and r["itl_p95_ms"] >= r["itl_p50_ms"] for r in http)
+    assert all(0 < r["client_cpu_cores"] <= 2 for r in http)
     [single] = [t for t in results["single_stream_ttft"] if t["dialect"] == "openai"]
     assert single["samples"] == 3 and 0 < single["server_mean_ms"] <= single["http_mean_ms"]
     assert {t["target"].split(":")[0] for t in results["targets"]} == {"transformers"}
