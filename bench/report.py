@@ -14,6 +14,11 @@ def _find(rows: list[dict], backend: str, kind: str, concurrency: int, dialect: 
                  and r["concurrency"] == concurrency and (dialect is None or r["dialect"] == dialect)), None)
 
 
+def _http_added_ms(single: dict[str, Any]) -> float:
+    """What HTTP, BentoML and the dialect's formatting add to the time to first token."""
+    return single["http_mean_ms"] - single["server_mean_ms"]
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, measured at the reference concurrency (8, or the largest level run)."""
     c = results["config"]["reference_concurrency"]
@@ -28,12 +33,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             ratio = http["tokens_per_second"] / inproc["tokens_per_second"]
             checks.append({"target": f"{backend}: {c} streams over HTTP ≥ {floor}× in-process tok/s",
                            "measured": f"{ratio:.2f}×", "met": ratio >= floor})
+        # Paired: the same requests timed by the client and inside the server, so a machine that
+        # speeds up or slows down between the benchmark's phases does not enter the difference.
         single = [t for t in results["single_stream_ttft"] if t["backend"] == backend]
-        if single and (first := find(backend, "in-process", 1)):
-            added = {t["dialect"]: t["http_p50_ms"] - first["ttft_p50_ms"] for t in single}
-            checks.append({"target": f"{backend}: HTTP adds ≤ 10 ms to median TTFT (1 stream)",
+        if single:
+            added = {t["dialect"]: _http_added_ms(t) for t in single}
+            checks.append({"target": f"{backend}: HTTP and BentoML add ≤ 10 ms to TTFT (1 stream)",
                            "measured": ", ".join(f"{ms:+.1f} ms ({dialect})" for dialect, ms in added.items()),
                            "met": max(added.values()) <= 10})
+        # Unpaired, as the target reads literally: the server's whole path against the raw engine.
+        if single and (first := find(backend, "in-process", 1)):
+            over = {t["dialect"]: t["http_p50_ms"] - first["ttft_p50_ms"] for t in single}
+            checks.append({"target": f"{backend}: median TTFT over HTTP ≤ raw in-process engine's + 10 ms",
+                           "measured": ", ".join(f"{ms:+.1f} ms ({dialect})" for dialect, ms in over.items()),
+                           "met": max(over.values()) <= 10})
     http, serial = find("transformers", "http", c, "openai"), find("transformers", "one-at-a-time", c, "openai")
     if http and serial:
         ratio = http["tokens_per_second"] / serial["tokens_per_second"]
@@ -57,15 +70,17 @@ def markdown(results: dict[str, Any]) -> str:
         cells = [f"{row[k]:.1f}" if row.get(k) is not None else "" for k in _COLUMNS]
         lines.append(f"| {row['backend']} | {row['kind']} | {row['dialect'] or ''} | {row['concurrency']} | "
                      + " | ".join(cells) + " |")
-    lines += ["", (f"Time to first token at one stream: {config['ttft_samples']} requests one after another "
-                   "(in-process: a one-token `generate`; server-side: what the server's /metrics recorded)."), "",
-              "| backend | dialect | in-process p50 ms | HTTP p50 ms | HTTP mean ms | server-side mean ms |",
-              "|---|---|---:|---:|---:|---:|"]
+    lines += ["", (f"Time to first token at one stream: {config['ttft_samples']} requests one after another, "
+                   "timed by the client and by the server itself (its /metrics); in-process: a one-token "
+                   "`generate`, measured earlier in the run."), "",
+              ("| backend | dialect | in-process p50 ms | HTTP p50 ms | HTTP mean ms | server-side mean ms "
+               "| added by HTTP ms |"),
+              "|---|---|---:|---:|---:|---:|---:|"]
     for t in results["single_stream_ttft"]:
         first = _find(results["rows"], t["backend"], "in-process", 1)  # absent when 1 is not a level run
         in_process = f"{first['ttft_p50_ms']:.1f}" if first else ""
         lines.append(f"| {t['backend']} | {t['dialect']} | {in_process} | {t['http_p50_ms']:.1f} | "
-                     f"{t['http_mean_ms']:.1f} | {t['server_mean_ms']:.1f} |")
+                     f"{t['http_mean_ms']:.1f} | {t['server_mean_ms']:.1f} | {_http_added_ms(t):+.1f} |")
     lines += ["", "| target | measured | met |", "|---|---:|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in results["targets"]]
     return "\n".join(lines)
