@@ -24,6 +24,8 @@ from errors import ModelCoolingDown, ModelLoadFailed, ModelNotAllowed, ModelNotF
 from runners.backend import BackendChoice, choose_backend, load_runner
 from runners.base import Runner
 from runners.local_cache import LocalModel, find_local
+from runners.model_info import describe
+from runners.output_parsing import ParserChoice, choose_parsers
 from runners.names import ModelRef, parse_model_name
 from runners.quantization import QuantizeRequest, bitsandbytes_available, decide_precision
 from settings import Settings
@@ -51,6 +53,7 @@ class LoadedModel:
     load_duration_ns: int
     memory_bytes: int
     keep_alive: float | None
+    parsers: ParserChoice  # how its output is split into answer, reasoning and tool calls
     loaded_at: float = field(default_factory=time.time)
     loaded_at_ns: int = field(default_factory=time.perf_counter_ns)
     last_used: float = field(default_factory=time.time)
@@ -229,6 +232,7 @@ class ModelPool:
                 load_duration_ns=time.perf_counter_ns() - started,
                 memory_bytes=runner.memory_bytes(),
                 keep_alive=self.settings.keep_alive,
+                parsers=choose_parsers(local.ref.repo_id, describe(local), self.settings),
             )
             log.info("loaded %s on %s (%s, %s) in %.2fs", name, backend.name, self.device, precision.mode, entry.load_duration_ns / 1e9)
             metrics.record_load(name, backend.name, entry.load_duration_ns / 1e9)

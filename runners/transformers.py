@@ -14,10 +14,9 @@ from typing import Any
 import torch
 
 from errors import InvalidRequest
-from runners.base import Chunk, GenerationRequest, Runner
+from runners.base import Chunk, PreparedPrompt, Runner
 from runners.batching import BatchScheduler, Emit, Sequence
 from runners.local_cache import LocalModel
-from runners.prompt import render_prompt
 from runners.quantization import Precision
 from runners.structured import GrammarCache
 
@@ -72,15 +71,15 @@ class TransformersRunner(Runner):
         hf_model.eval()
         return cls(model, precision, device, hf_model, tokenizer, max_batch_size, max_queue)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, prepared: PreparedPrompt) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
 
         def emit(item: Chunk | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        # Tokenizing and compiling a grammar happen here, so their errors reach this request only.
-        sequence = await asyncio.to_thread(self._sequence, request, emit)
+        # Compiling a grammar happens here, so its errors reach this request only.
+        sequence = await asyncio.to_thread(self._sequence, prepared, emit)
         self._scheduler.submit(sequence)
         try:
             while True:
@@ -93,13 +92,10 @@ class TransformersRunner(Runner):
         finally:
             sequence.cancelled.set()
 
-    def _sequence(self, request: GenerationRequest, emit: Emit) -> Sequence:
-        prompt_ids = self._encode(render_prompt(self.tokenizer, request), special_tokens=False, reserve=1)
-        room = self.context_length - len(prompt_ids)
-        max_tokens = request.options.max_tokens
-        budget = room if max_tokens is None else min(max_tokens, room)
-        constraint = self._grammars.matcher(request.response_format) if request.response_format else None
-        return Sequence(request, prompt_ids, budget, self.tokenizer, self._eos_ids, self.device, constraint, emit)
+    def _sequence(self, prepared: PreparedPrompt, emit: Emit) -> Sequence:
+        response_format = prepared.request.response_format
+        constraint = self._grammars.matcher(response_format) if response_format else None
+        return Sequence(prepared, self.tokenizer, self._eos_ids, self.device, constraint, emit)
 
     def queue_depth(self) -> int:
         return self._scheduler.queue_depth()
