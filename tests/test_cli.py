@@ -7,8 +7,10 @@ Hugging-Face-compatible server); interactive sessions and progress bars run in a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -304,3 +306,25 @@ def test_thinking_is_printed_dimmed_before_the_answer() -> None:
             printer.piece(message)
     assert captured.get() == "Thinking...\nlet me see...\n...done thinking.\n\nYes."
     assert "".join(printer.content) == "Yes."
+
+
+def test_pip_install_puts_an_ai_server_command_on_the_path(tmp_path: Path) -> None:
+    """Build the project's wheel (from a copy, so the worktree gets no build folders) and install it."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "tests", "bench", "docs", "build", "data",
+                                                             "*.egg-info", "__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # Without build isolation where setuptools is at hand: no index lookup for the build backend.
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    subprocess.run([*pip, "wheel", "--no-deps", *isolation, "-w", str(tmp_path / "wheel"), str(src)], check=True, timeout=300)
+    [wheel] = (tmp_path / "wheel").glob("ai_server-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
+                   timeout=120)
+    command = tmp_path / "site" / "bin" / "ai-server"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "AI_SERVER_HOST": f"127.0.0.1:{free_port()}"}
+    result = subprocess.run([str(command), "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "Start it with `ai-server serve`" in result.stderr, result.stderr
+    installed = subprocess.run([str(command), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=60)
+    assert all(name in installed.stdout for name in ("serve", "pull", "run", "list", "ps", "show", "rm", "cp", "jobs"))
