@@ -17,8 +17,11 @@ from cli.render import err, out
 
 MULTILINE = '"""'
 PROMPT, CONTINUATION = ">>> ", "... "
-# Options whose values are whole numbers; every other numeric option is a float. `stop` is a list.
+# The sampling options the server reads (Ollama's names). Whole numbers for these; floats for the
+# others; `stop` is a list.
 INT_OPTIONS = frozenset({"top_k", "num_predict", "seed", "repeat_last_n", "num_ctx"})
+FLOAT_OPTIONS = frozenset({"temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty",
+                           "frequency_penalty"})
 HELP = """Available commands:
   /set parameter NAME VALUE   set a sampling option (temperature, top_p, top_k, num_predict, seed, stop, ...)
   /set system TEXT            set the system message
@@ -46,6 +49,9 @@ class ChatSession:
         """Set a sampling option from its text; CliError when the value is not one the option takes."""
         if not name or not value:
             raise CliError("a parameter needs a name and a value, e.g. temperature 0.5")
+        if name not in INT_OPTIONS | FLOAT_OPTIONS | {"stop"}:
+            known = ", ".join(sorted(INT_OPTIONS | FLOAT_OPTIONS | {"stop"}))
+            raise CliError(f"unknown parameter '{name}' (known: {known})")
         if name == "stop":  # each stop sequence adds to the list
             self.options["stop"] = [*self.options.get("stop", []), value]
             return
@@ -86,6 +92,12 @@ class AnswerPrinter:
             out.print(text, end="", markup=False, soft_wrap=True)
             self.content.append(text)
 
+    def finish(self) -> None:
+        """Close a thinking block the answer never left (a stream that ended while thinking)."""
+        if self.thinking:
+            out.print("\n...done thinking.", style="dim")
+            self.thinking = False
+
 
 def answer(server: Server, session: ChatSession, messages: list[dict[str, str]]) -> str:
     """Stream one answer to the terminal; returns its text."""
@@ -95,6 +107,7 @@ def answer(server: Server, session: ChatSession, messages: list[dict[str, str]])
             printer.piece(line.get("message") or {})
             if line.get("done"):
                 final = line
+    printer.finish()
     if session.verbose:
         print_stats(final)
     return "".join(printer.content)

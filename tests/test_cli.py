@@ -210,6 +210,8 @@ def test_interactive_chat_keeps_history_and_obeys_commands(server: Server) -> No
     child.expect_exact(">>> ")
     child.sendintr()  # Ctrl-C at the prompt does not leave
     child.expect_exact("Use Ctrl + d or /bye to exit.")
+    say("/set parameter warmth 1")
+    child.expect_exact("unknown parameter 'warmth'")
     say("/nonsense")
     child.expect_exact("Unknown command '/nonsense'")
     say("/bye")
@@ -306,6 +308,11 @@ def test_thinking_is_printed_dimmed_before_the_answer() -> None:
             printer.piece(message)
     assert captured.get() == "Thinking...\nlet me see...\n...done thinking.\n\nYes."
     assert "".join(printer.content) == "Yes."
+    unfinished = AnswerPrinter()  # an answer that ended while still thinking closes the block
+    with out.capture() as captured:
+        unfinished.piece({"thinking": "hmm"})
+        unfinished.finish()
+    assert captured.get() == "Thinking...\nhmm\n...done thinking.\n"
 
 
 def test_pip_install_puts_an_ai_server_command_on_the_path(tmp_path: Path) -> None:
