@@ -48,7 +48,7 @@ class ChatSession:
     def set_option(self, name: str, value: str) -> None:
         """Set a sampling option from its text; CliError when the value is not one the option takes."""
         if not name or not value:
-            raise CliError("a parameter needs a name and a value, e.g. temperature 0.5")
+            raise CliError("a parameter needs a name and a value (temperature 0.5)")
         if name not in INT_OPTIONS | FLOAT_OPTIONS | {"stop"}:
             known = ", ".join(sorted(INT_OPTIONS | FLOAT_OPTIONS | {"stop"}))
             raise CliError(f"unknown parameter '{name}' (known: {known})")

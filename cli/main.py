@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from cli import chat, pull as pulling
 from cli.client import CliError, Server
-from cli.render import ago, err, out, short_digest, size, table
+from cli.render import ago, err, out, section, short_digest, size, table
 
 app = typer.Typer(
     name="ai-server",
@@ -34,10 +34,6 @@ class Quantize(str, Enum):
     q4 = "q4"
     fp16 = "fp16"
     no = "no"
-
-
-def _server(host: str | None, api_key: str | None) -> Server:
-    return Server(host, api_key)
 
 
 # -- the server ------------------------------------------------------------------------------------
@@ -65,7 +61,7 @@ def pull(
     api_key: KeyOption = None,
 ) -> None:
     """Download a model from the Hugging Face Hub, following the pull job with a progress bar."""
-    pulling.pull(_server(host, api_key), model, quantize.value, load)
+    pulling.pull(Server(host, api_key), model, quantize.value, load)
 
 
 @app.command()
@@ -86,7 +82,7 @@ def run(
     for item in parameter or []:
         name, _, value = item.partition("=")
         session.set_option(name.strip(), value.strip())
-    server = _server(host, api_key)
+    server = Server(host, api_key)
     piped = chat.read_stdin()
     words = " ".join(prompt or [])
     if piped is None and not words:
@@ -108,7 +104,7 @@ def list_models(
     api_key: KeyOption = None,
 ) -> None:
     """The pulled models: name, id, size, precision, whether loaded (and where), last modified."""
-    server = _server(host, api_key)
+    server = Server(host, api_key)
     tags = server.get("/api/tags")["models"]
     loaded = {m["model"]: m for m in server.get("/models")["models"] if m.get("loaded")}
     rows = []
@@ -126,7 +122,7 @@ def ps(
     api_key: KeyOption = None,
 ) -> None:
     """The loaded models: memory, precision, backend, processor, context and when they unload."""
-    server = _server(host, api_key)
+    server = Server(host, api_key)
     running = server.get("/api/ps")["models"]
     backends = {m["model"]: m["backend"] for m in server.get("/status").get("loaded_models", [])}
     rows = []
@@ -146,7 +142,7 @@ def show(
     api_key: KeyOption = None,
 ) -> None:
     """A model's architecture, size, context, precision, capabilities and default parameters."""
-    info = _server(host, api_key).post("/api/show", {"model": model}, model=model)
+    info = Server(host, api_key).post("/api/show", {"model": model}, model=model)
     if template:
         out.print(info.get("template") or "(this model has no chat template)", markup=False)
         return
@@ -156,30 +152,10 @@ def show(
             ("context length", model_info.get(f"{arch}.context_length")),
             ("embedding length", model_info.get(f"{arch}.embedding_length")),
             ("precision", details.get("quantization_level")), ("format", details.get("format"))]
-    _section("Model", [(k, str(v)) for k, v in rows if v is not None])
-    _section("Capabilities", [(c, "") for c in info.get("capabilities", [])])
+    section("Model", [(k, str(v)) for k, v in rows if v is not None])
+    section("Capabilities", [(c, "") for c in info.get("capabilities", [])])
     parameters = [line.split(maxsplit=1) for line in (info.get("parameters") or "").splitlines() if line.strip()]
-    _section("Parameters", [(p[0], p[1] if len(p) > 1 else "") for p in parameters])
-
-
-def _section(title: str, rows: list[tuple[str, str]]) -> None:
-    if not rows:
-        return
-    grid = _grid(rows)
-    out.print(f"  {title}")
-    out.print(grid)
-    out.print()
-
-
-def _grid(rows: list[tuple[str, str]]) -> Any:
-    from rich.table import Table
-
-    grid = Table.grid(padding=(0, 4))
-    grid.add_column(no_wrap=True)
-    grid.add_column()
-    for key, value in rows:
-        grid.add_row(f"    {key}", value)
-    return grid
+    section("Parameters", [(p[0], p[1] if len(p) > 1 else "") for p in parameters])
 
 
 @app.command()
@@ -189,7 +165,7 @@ def rm(
     api_key: KeyOption = None,
 ) -> None:
     """Unload models and remove them from the Hugging Face cache."""
-    server = _server(host, api_key)
+    server = Server(host, api_key)
     for model in models:
         server.delete("/api/delete", {"model": model}, model=model)
         out.print(f"deleted '{model}'")
@@ -198,7 +174,7 @@ def rm(
 @app.command()
 def cp(source: str, destination: str, host: HostOption = None, api_key: KeyOption = None) -> None:
     """Give a model a second name (no weights are copied)."""
-    _server(host, api_key).post("/api/copy", {"source": source, "destination": destination}, model=source)
+    Server(host, api_key).post("/api/copy", {"source": source, "destination": destination}, model=source)
     out.print(f"copied '{source}' to '{destination}'")
 
 
@@ -209,7 +185,7 @@ def jobs(
 ) -> None:
     """Pull jobs, newest first: status, progress and errors."""
     rows = []
-    for job in _server(host, api_key).get("/jobs")["jobs"]:
+    for job in Server(host, api_key).get("/jobs")["jobs"]:
         total, done = job.get("total_bytes"), job.get("completed_bytes") or 0
         progress = f"{size(done)} / {size(total)}" if total else "-"
         if total and job["status"] in ("running", "queued"):

@@ -60,5 +60,19 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> Table:
     return grid
 
 
+def section(title: str, rows: Sequence[tuple[str, str]]) -> None:
+    """A titled block of indented `key    value` lines, as `ollama show` prints them (skipped when empty)."""
+    if not rows:
+        return
+    grid = Table.grid(padding=(0, 4))
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    for key, value in rows:
+        grid.add_row(f"    {key}", value)
+    out.print(f"  {title}")
+    out.print(grid)
+    out.print()
+
+
 def short_digest(digest: str | None) -> str:
     return (digest or "")[:12] or "-"

@@ -334,4 +334,5 @@ def test_pip_install_puts_an_ai_server_command_on_the_path(tmp_path: Path) -> No
     assert "Start it with `ai-server serve`" in result.stderr, result.stderr
     installed = subprocess.run([str(command), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
                                timeout=60)
-    assert all(name in installed.stdout for name in ("serve", "pull", "run", "list", "ps", "show", "rm", "cp", "jobs"))
+    commands = ("serve", "pull", "run", "list", "ps", "show", "rm", "cp", "jobs")
+    assert all(name in installed.stdout for name in commands), installed.stdout
