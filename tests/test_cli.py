@@ -323,7 +323,8 @@ def test_pip_install_puts_an_ai_server_command_on_the_path(tmp_path: Path) -> No
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     # Without build isolation where setuptools is at hand: no index lookup for the build backend.
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-    subprocess.run([*pip, "wheel", "--no-deps", *isolation, "-w", str(tmp_path / "wheel"), str(src)], check=True, timeout=300)
+    subprocess.run([*pip, "wheel", "--no-deps", *isolation, "-w", str(tmp_path / "wheel"), str(src)], check=True,
+                   timeout=300)
     [wheel] = (tmp_path / "wheel").glob("ai_server-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
                    timeout=120)
