@@ -124,18 +124,28 @@ class OutputParser:
         self._parser: Any = None
         self._vllm_request: Any = None
         self._prompt_ids: list[int] | None = None
-        if not chat or not ((wants_tools and choice.tools) or choice.thinking):
-            return
+        # A forced call or an output format holds from the first token (our engines apply the
+        # grammar from there), so the model cannot reason first: nothing is read as reasoning.
         forced = wants_tools and (request.tool_choice == "required" or self.named_tool is not None)
-        # A forced call starts at the first token (the grammar allows nothing before it), so there
-        # is no reasoning to read; otherwise the output is read from inside a reasoning section.
+        reasoning = None if forced or request.response_format is not None else choice.reasoning_parser
         tools = choice.tool_parser if wants_tools else None
-        self._start(ParserChoice(tools, None if forced else choice.reasoning_parser, choice.reason), tokenizer, request)
+        if chat and (tools or reasoning):
+            self._start(ParserChoice(tools, reasoning, choice.reason), tokenizer, request)
 
     def _start(self, choice: ParserChoice, tokenizer: Any, request: GenerationRequest) -> None:
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import StructuredOutputsParams
+
+        # The client's own output format, so that an "auto" tool grammar is combined with it
+        # (text in that format, or a call) rather than replacing it.
+        response_format = request.response_format if self.named_tool is None else None  # a named call wins
+        structured = None
+        if response_format is not None and response_format.kind == "json":
+            structured = StructuredOutputsParams(json_object=True)
+        elif response_format is not None and response_format.kind == "json_schema":
+            structured = StructuredOutputsParams(json=response_format.schema)
 
         try:
             vllm_request = ChatCompletionRequest(
@@ -144,6 +154,7 @@ class OutputParser:
                 tool_choice=request.tool_choice if request.tools and choice.tool_parser else None,
                 parallel_tool_calls=request.parallel_tool_calls,
                 chat_template_kwargs=request.template_kwargs or None,
+                structured_outputs=structured,
             )
         except (ValidationError, VLLMValidationError, ValueError) as exc:
             raise InvalidRequest(f"invalid tools or tool_choice: {_first_error(exc)}", param="tool_choice") from exc
@@ -155,13 +166,9 @@ class OutputParser:
         forced = vllm_request.structured_outputs
         if forced is not None and forced.structural_tag:
             self.constraint = ResponseFormat("structural_tag", structural_tag=_compact(forced.structural_tag))
-        elif forced is not None and forced.json is not None:
+        elif forced is not None and forced.json is not None and forced is not structured:
             schema = forced.json if isinstance(forced.json, dict) else json.loads(forced.json)
             self.constraint = ResponseFormat("json_schema", schema)
-
-    @property
-    def active(self) -> bool:
-        return self._parser is not None
 
     def set_prompt(self, prompt_ids: list[int]) -> None:
         """The rendered prompt's ids: whether it left a reasoning section open decides how the

@@ -167,6 +167,20 @@ def test_legacy_functions_map_onto_tools(client) -> None:
     assert_valid_call("get_weather", call["function"]["arguments"])
 
 
+def test_auto_tools_keep_the_clients_response_format(client) -> None:
+    """With tools on auto, the answer is either a valid call or text in the requested format."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER_SCHEMA}}
+    for seed in (12, 13):
+        body = chat_body(QWEN, "weather as JSON", tools=[CLOCK], response_format=fmt, max_tokens=60, seed=seed)
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        message = r.json()["choices"][0]["message"]
+        for call in message.get("tool_calls") or []:
+            assert_valid_call(call["function"]["name"], call["function"]["arguments"])
+        if not message.get("tool_calls"):
+            jsonschema.validate(json.loads(message["content"]), WEATHER_SCHEMA)
+
+
 def test_open_webui_default_chat_with_its_tools_works(client) -> None:
     """Open WebUI's native function calling sends its tools with every chat, tool_choice unset."""
     body = {
