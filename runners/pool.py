@@ -27,7 +27,13 @@ from runners.local_cache import LocalModel, find_local
 from runners.model_info import describe
 from runners.output_parsing import ParserChoice, choose_parsers
 from runners.names import ModelRef, parse_model_name
-from runners.quantization import QuantizeRequest, bitsandbytes_available, decide_precision
+from runners.quantization import (
+    QuantizeRequest,
+    bf16_cpu_feature,
+    bitsandbytes_available,
+    checkpoint_dtype,
+    decide_precision,
+)
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -209,6 +215,7 @@ class ModelPool:
                 config=config,
                 bnb_available=bitsandbytes_available(),
                 bf16_supported=self.device == "cuda" and torch.cuda.is_bf16_supported(),
+                cpu_bf16=bf16_cpu_feature() if self.device == "cpu" else None,
             )
             # In a thread: the first decision imports vLLM (seconds).
             backend = await asyncio.to_thread(
@@ -300,7 +307,6 @@ class ModelPool:
 
 def _estimate_bytes(local: LocalModel, mode: str, config: dict) -> int:
     """Memory a load will take, from the checkpoint size and the target precision."""
-    stored = config.get("torch_dtype") or config.get("dtype") or "float32"
-    params = local.weight_bytes / _CHECKPOINT_BYTES.get(str(stored), 4)
+    params = local.weight_bytes / _CHECKPOINT_BYTES.get(checkpoint_dtype(config), 4)
     return int(params * _TARGET_BYTES.get(mode, 0) or local.weight_bytes)
 

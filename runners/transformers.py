@@ -69,7 +69,13 @@ class TransformersRunner(Runner):
         if "device_map" not in kwargs:
             hf_model.to(device)
         hf_model.eval()
-        return cls(model, precision, device, hf_model, tokenizer, max_batch_size, max_queue)
+        runner = cls(model, precision, device, hf_model, tokenizer, max_batch_size, max_queue)
+        # Everything alive now (the model's modules, transformers' and torch's own objects) is long
+        # lived: frozen, the cyclic collector stops re-scanning it, so the full collections the
+        # decode loop's garbage triggers take milliseconds instead of stalling every stream.
+        gc.collect()
+        gc.freeze()
+        return runner
 
     async def generate(self, prepared: PreparedPrompt) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
@@ -144,6 +150,7 @@ class TransformersRunner(Runner):
     def unload(self) -> None:
         self._scheduler.close()
         del self._hf_model
+        gc.unfreeze()  # frozen objects are never collected: the model's cycles must become collectable again
         release_memory(self.device)
 
 

@@ -171,14 +171,19 @@ def _load_tokenizer(dst: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(dst)
 
 
-def _save_seeded(dst: Path, config: PreTrainedConfig, model_class: type[PreTrainedModel], seed: int) -> None:
-    """Instantiate `model_class(config)` under a private seeded RNG and save it (safetensors + generation config)."""
+def _save_seeded(
+    dst: Path, config: PreTrainedConfig, model_class: type[PreTrainedModel], seed: int, dtype: str | None = None
+) -> None:
+    """Instantiate `model_class(config)` under a private seeded RNG and save it (safetensors + generation config),
+    in `dtype` (e.g. "bfloat16", as most Hub checkpoints are) or float32."""
     import torch
     from transformers import GenerationConfig
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
+    if dtype is not None:
+        model.to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
@@ -188,10 +193,11 @@ def _save_seeded(dst: Path, config: PreTrainedConfig, model_class: type[PreTrain
 def build_tiny_llama(
     dst: Path, *, seed: int = 0, chat_template: bool | str = True, hidden_size: int = 64, layers: int = 2,
     context: int = 512, intermediate_size: int = 128, heads: int = 4, extra_tokens: tuple[str, ...] = (),
+    dtype: str | None = None,
 ) -> Path:
-    """A random-weight `LlamaForCausalLM` with its own tokenizer in `dst`; returns `dst`.
-
-    `chat_template` may be a template of its own (e.g. HERMES_TEMPLATE with HERMES_TOKENS)."""
+    """A random-weight `LlamaForCausalLM` with its own tokenizer in `dst`, saved in `dtype` (float32 when
+    None); returns `dst`. `chat_template` may be a template of its own (e.g. HERMES_TEMPLATE with
+    HERMES_TOKENS)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     build_tokenizer(dst, chat_template, extra_tokens=extra_tokens)
@@ -208,7 +214,7 @@ def build_tiny_llama(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    _save_seeded(dst, config, LlamaForCausalLM, seed)
+    _save_seeded(dst, config, LlamaForCausalLM, seed, dtype)
     return dst
 
 
