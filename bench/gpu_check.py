@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from runners.base import GenerationRequest, SamplingOptions
+from runners.prepare import prepare_prompt
 from runners.local_cache import LocalModel
 from runners.names import ModelRef
 from runners.quantization import Precision, bf16_cpu_feature, bitsandbytes_available, decide_precision
@@ -98,7 +99,9 @@ def runner_rate(runner: TransformersRunner, streams: int, max_tokens: int) -> fl
     async def one() -> int:
         options = SamplingOptions(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         count = 0
-        async for chunk in runner.generate(GenerationRequest(prompt=PROMPT, options=options)):
+        prepared = prepare_prompt(runner.tokenizer, GenerationRequest(prompt=PROMPT, options=options),
+                                  runner.context_length)
+        async for chunk in runner.generate(prepared):
             count = chunk.completion_tokens or count
         return count
 
