@@ -198,6 +198,15 @@ def test_open_webui_default_chat_with_its_tools_works(client) -> None:
     usage = json.loads(events[-2][6:])["usage"]
     assert usage["completion_tokens"] > 0
 
+    # Through an Ollama connection Open WebUI converts the same chat to Ollama's shape
+    # (utils/payload.py convert_payload_openai_to_ollama): tools stay, sampling moves to options.
+    ollama_body = {"model": QWEN, "messages": body["messages"], "stream": True, "tools": body["tools"],
+                   "options": {"num_predict": 6}}
+    with client.stream("POST", "/api/chat", json=ollama_body) as r:
+        assert r.status_code == 200
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] > 0
+
 
 def test_langchain_bind_tools_forced_call(client) -> None:
     from langchain_openai import ChatOpenAI
