@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from api.deps import get_runtime
 from api.ollama import ChatPieces, final_stats
-from api.ollama_schemas import ChatRequest as OllamaChat
 from api.ollama_schemas import Message as OllamaMessage
 from api.ollama_schemas import Think, thinking_switches
-from api.openai_schemas import NamedToolChoice, ToolParam
+from api.tool_schemas import ToolChoiceParam, ToolParam, tool_choice_value, tool_dicts
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
 from jobs.models import iso_utc
 from runners.base import GenerationRequest, OutputDelta, SamplingOptions
@@ -37,18 +36,18 @@ class ChatRequest(BaseModel):
     stream: bool = False
     # The same tools and thinking as Ollama's /api/chat (tool_choice as OpenAI's).
     tools: list[ToolParam] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: ToolChoiceParam = None
     think: Think = None
 
 
 @router.post("/chat")
 async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Any:
-    tool_choice = OllamaChat(model=body.model, tools=body.tools, tool_choice=body.tool_choice).tool_choice_value()
+    tools = tool_dicts(body.tools)
     request = GenerationRequest(
         messages=[m.for_template() for m in body.messages],
         options=SamplingOptions(max_tokens=body.max_tokens, temperature=body.temperature),
-        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
-        tool_choice=tool_choice,
+        tools=tools,
+        tool_choice=tool_choice_value(body.tool_choice, tools),
         template_kwargs=thinking_switches(body.think),
         require_thinking=bool(body.think),
     )
@@ -67,7 +66,9 @@ async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> An
     }
 
 
-async def _sse_events(generation: Generation, deltas: AsyncIterator[OutputDelta], pieces: ChatPieces) -> AsyncIterator[str]:
+async def _sse_events(
+    generation: Generation, deltas: AsyncIterator[OutputDelta], pieces: ChatPieces
+) -> AsyncIterator[str]:
     try:
         async for delta in deltas:
             fields = pieces.piece(delta)

@@ -81,7 +81,7 @@ async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Re
         messages=[m.for_template() for m in body.messages],
         options=body.options.sampling(),
         response_format=body.response_format(),
-        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+        tools=body.tool_list(),
         tool_choice=body.tool_choice_value(),
         template_kwargs=thinking_switches(body.think),
         require_thinking=bool(body.think),

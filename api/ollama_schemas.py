@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from api.openai_schemas import NamedToolChoice, ToolParam
+from api.tool_schemas import ToolChoiceParam, ToolParam, tool_choice_value, tool_dicts
 from errors import InvalidRequest
 from runners.base import ResponseFormat, SamplingOptions
 from runners.pool import DEFAULT, KeepAlive
@@ -145,17 +145,14 @@ class ChatRequest(_GenerateCommon):
     tools: list[ToolParam] | None = None
     # Not Ollama's: OpenAI's tool_choice (none, auto, required, or {"type": "function", "function":
     # {"name": ...}}), so Ollama clients can force a call too. Ollama's own behaviour is "auto".
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: ToolChoiceParam = None
     think: Think = None
 
+    def tool_list(self) -> list[dict[str, Any]] | None:
+        return tool_dicts(self.tools)
+
     def tool_choice_value(self) -> str | dict[str, Any]:
-        choice = self.tool_choice or "auto"
-        if isinstance(choice, NamedToolChoice):
-            if choice.function.name not in {t.function.name for t in self.tools or []}:
-                raise InvalidRequest(f"tool_choice names {choice.function.name!r}, which is not one of `tools`",
-                                     param="tool_choice")
-            return choice.model_dump()
-        return choice
+        return tool_choice_value(self.tool_choice, self.tool_list())
 
 
 class GenerateRequest(_GenerateCommon):

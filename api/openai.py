@@ -89,8 +89,10 @@ class _ChatShape:
         if done.reasoning and self._include_reasoning:
             message |= _reasoning_fields(done.reasoning)
         if done.tool_calls:
-            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                     for c in done.tool_calls]
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in done.tool_calls
+            ]
         return {"index": index, "message": message, "logprobs": self._logprobs(done.logprobs), "finish_reason": finish}
 
     def delta(self, index: int, piece: OutputDelta | None, finish: str | None = None) -> dict[str, Any]:
@@ -147,7 +149,8 @@ class _TextShape:
         self._offsets: dict[int, int] = {}  # per choice: characters of text before the next token
 
     def choice(self, index: int, done: Completion, finish: str) -> dict[str, Any]:
-        return {"index": index, "text": done.text, "logprobs": self._logprobs(index, done.logprobs), "finish_reason": finish}
+        logprobs = self._logprobs(index, done.logprobs)
+        return {"index": index, "text": done.text, "logprobs": logprobs, "finish_reason": finish}
 
     def delta(self, index: int, piece: OutputDelta | None, finish: str | None = None) -> dict[str, Any]:
         text, logprobs = (piece.content, piece.logprobs) if piece is not None else ("", None)
@@ -174,11 +177,10 @@ _Shape = _ChatShape | _TextShape
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, runtime: Runtime = Depends(get_runtime)) -> Any:
-    tools = body.tool_list()
     base = GenerationRequest(
         messages=[m.for_template() for m in body.messages],
         logprobs=body.logprob_count(),
-        tools=tools or None,
+        tools=body.tool_list(),
         tool_choice=body.tool_choice_value(),
         parallel_tool_calls=body.parallel_tool_calls,
         template_kwargs=body.template_kwargs(),

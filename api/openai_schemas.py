@@ -14,6 +14,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
+from api.tool_schemas import (
+    FunctionDefinition,
+    NamedFunction,
+    NamedToolChoice,
+    ToolChoiceParam,
+    ToolParam,
+    tool_choice_value,
+    tool_dicts,
+)
+
 MAX_LOGPROBS = 20  # vLLM's default limit
 
 
@@ -146,34 +156,13 @@ def _arguments(text: str) -> Any:
         return text
 
 
-class FunctionDefinition(BaseModel):
-    name: str = Field(min_length=1)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ToolParam(BaseModel):
-    type: Literal["function"] = "function"
-    function: FunctionDefinition
-
-
-class NamedFunction(BaseModel):
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    type: Literal["function"] = "function"
-    function: NamedFunction
-
-
 class ChatCompletionRequest(GenerationParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[ToolParam] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: ToolChoiceParam = None
     parallel_tool_calls: bool | None = None
     # The legacy function-calling fields, mapped onto tools and tool_choice.
     functions: list[FunctionDefinition] | None = None
@@ -189,29 +178,19 @@ class ChatCompletionRequest(GenerationParams):
             raise ValueError("top_logprobs needs logprobs to be true")
         return self
 
-    @model_validator(mode="after")
-    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
-        tools, choice = self.tool_list(), self.tool_choice_value()
-        if isinstance(choice, dict) and choice["function"]["name"] not in {t["function"]["name"] for t in tools}:
-            raise ValueError(f"tool_choice names {choice['function']['name']!r}, which is not one of `tools`")
-        if choice == "required" and not tools:
-            raise ValueError("tool_choice 'required' needs `tools`")
-        return self
-
-    def tool_list(self) -> list[dict[str, Any]]:
+    def tool_list(self) -> list[dict[str, Any]] | None:
+        """`tools`, or the legacy `functions` as tools."""
         if self.tools:
-            return [t.model_dump(exclude_none=True) for t in self.tools]
-        return [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in self.functions or []]
+            return tool_dicts(self.tools)
+        return tool_dicts([ToolParam(function=f) for f in self.functions or []])
 
     def tool_choice_value(self) -> str | dict[str, Any]:
-        """tool_choice (or the legacy function_call); OpenAI's default: auto with tools, none without."""
-        choice = self.tool_choice if self.tool_choice is not None else self.function_call
-        if choice is None:
-            return "auto" if self.tools or self.functions else "none"
-        if isinstance(choice, str):
-            return choice
-        name = choice.function.name if isinstance(choice, NamedToolChoice) else choice.name
-        return {"type": "function", "function": {"name": name}}
+        """tool_choice, or the legacy function_call ({"name": ...} names a function)."""
+        choice = self.tool_choice
+        if choice is None and self.function_call is not None:
+            call = self.function_call
+            choice = call if isinstance(call, str) else NamedToolChoice(function=call)
+        return tool_choice_value(choice, self.tool_list())
 
     def template_kwargs(self) -> dict[str, Any]:
         """vLLM's rule: `reasoning_effort` reaches the template, and turns thinking on or off for

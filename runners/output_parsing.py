@@ -64,7 +64,8 @@ def choose_parsers(repo_id: str, info: ModelInfo, settings: Settings) -> ParserC
     template = info.chat_template or ""
     tool = next((name for marker, name in TOOL_FORMATS if marker in template and "tools" in template), None)
     reasoning = next((name for marker, name in REASONING_FORMATS if marker in template), None)
-    why = [f"tool calls: {tool} (from the chat template)" if tool else "tool calls: none (the chat template has no tool-call format)",
+    why = [f"tool calls: {tool} (from the chat template)" if tool
+           else "tool calls: none (the chat template has no tool-call format)",
            f"reasoning: {reasoning} (from the chat template)" if reasoning else "reasoning: none"]
     if repo_id in settings.tool_call_parsers:
         tool = None if settings.tool_call_parsers[repo_id] == NONE else settings.tool_call_parsers[repo_id]

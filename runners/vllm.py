@@ -7,7 +7,6 @@ vLLM is imported only here, and only when a model loads on it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
