@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes to the job row
 PURGE_INTERVAL = 60.0  # seconds between deletions of jobs past JOB_RETENTION
+STOP_WAIT = 15.0  # at most this long a stop waits for download threads to notice it, before handing back
 # huggingface_hub reports progress, and so lets a stopping server interrupt a download, once per
 # chunk read from the network: 10 MB by default, too coarse to watch on a slow link.
 hf_constants.DOWNLOAD_CHUNK_SIZE = 1024 * 1024
@@ -83,6 +84,7 @@ class _Active:
 
     job: PullJob
     interrupt: threading.Event = field(default_factory=threading.Event)
+    thread_idle: threading.Event = field(default_factory=lambda: _set(threading.Event()))  # no download thread
     task: asyncio.Task[None] | None = None
     downloading: bool = True
 
@@ -114,10 +116,12 @@ class Puller:
             await asyncio.gather(self._supervisor, return_exceptions=True)
         for active in self._active.values():
             active.interrupt.set()
-        tasks = [a.task for a in self._active.values() if a.task is not None]
+        stopping = list(self._active.values())
+        tasks = [a.task for a in stopping if a.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._wait_for_threads(stopping)
         try:
             handed = await asyncio.to_thread(self.store.hand_back, self.owner)
             if handed:
@@ -125,6 +129,17 @@ class Puller:
         except Exception:  # the database is gone: the leases expire and another replica takes over
             log.exception("could not hand pull jobs back; they resume when their lease expires")
         self.store.close()
+
+    async def _wait_for_threads(self, stopping: list[_Active]) -> None:
+        """A download thread stops at its next chunk: hand its job over only then (keeping the lease
+        meanwhile, at most STOP_WAIT), so the replica taking it never downloads beside it."""
+        ids = [a.job.id for a in stopping]
+        deadline = time.monotonic() + STOP_WAIT
+        while any(not a.thread_idle.is_set() for a in stopping) and time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.store.renew, self.owner, ids, self._lease)
+            wait = min(self._tick, max(0.0, deadline - time.monotonic()))
+            await asyncio.to_thread(_wait_all, [a.thread_idle for a in stopping], wait)
 
     async def ready(self) -> bool:
         """Whether the job database answers."""
@@ -280,7 +295,8 @@ class Puller:
     async def _fetch_reporting(self, active: _Active, ref: ModelRef) -> tuple[LocalModel, int]:
         """Run the download in a thread, writing its progress to the job every PROGRESS_INTERVAL."""
         progress = _Progress(active.interrupt)
-        fetch = asyncio.ensure_future(asyncio.to_thread(self._fetch, ref, progress))
+        active.thread_idle.clear()
+        fetch = asyncio.ensure_future(asyncio.to_thread(self._fetch_in_thread, active, ref, progress))
         written: dict[str, int] | None = None
         try:
             while not fetch.done():
@@ -295,6 +311,12 @@ class Puller:
             return fetch.result()
         finally:
             fetch.cancel()  # when this task is cancelled: drop the thread's result (it stops by itself)
+
+    def _fetch_in_thread(self, active: _Active, ref: ModelRef, progress: _Progress) -> tuple[LocalModel, int]:
+        try:
+            return self._fetch(ref, progress)
+        finally:
+            active.thread_idle.set()
 
     def _fetch(self, ref: ModelRef, progress: _Progress) -> tuple[LocalModel, int]:
         """The blocking download (in a thread). Returns the complete snapshot and its size."""
@@ -350,6 +372,17 @@ def ensure_free_space(needed: int, folder: Path) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise OSError(errno.ENOSPC, f"{needed} bytes to download, {free} bytes free")
+
+
+def _set(event: threading.Event) -> threading.Event:
+    event.set()
+    return event
+
+
+def _wait_all(events: list[threading.Event], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for done in events:
+        done.wait(max(0.0, deadline - time.monotonic()))
 
 
 def _set_marker(repo_id: str) -> None:

@@ -26,6 +26,7 @@ from runners.names import parse_model_name
 from tests.conftest import chat_body
 from tests.support.fixtures import TINY_GPT2, TINY_LLAMA
 from tests.support.hub_server import LocalHub
+from tests.support.server_process import kill_server
 from tests.support.repo_files import scan_repo
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -246,19 +247,6 @@ def test_jobs_interrupted_by_a_stop_resume_at_the_next_start(serve, local_hub: L
 
 
 # -- a real server process, killed mid-download ------------------------------------------------------------
-def kill_server(proc: subprocess.Popen) -> None:
-    """SIGKILL the supervisor and its workers (which BentoML starts in sessions of their own)."""
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for p in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(tree, timeout=10)
-    proc.wait()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
