@@ -315,3 +315,49 @@ def test_server_killed_mid_download_resumes_the_job_and_never_serves_half_a_mode
     assert TINY_LLAMA in listed(client)
     r = client.post("/chat", json=chat_body(TINY_LLAMA, max_tokens=4))
     assert r.status_code == 200, r.text
+
+
+def test_a_failed_update_pull_leaves_the_old_snapshot_served_across_a_restart(
+    serve, local_hub: LocalHub, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    client = serve()
+    old = wait_job(client, pull(client, TINY_LLAMA))
+    assert old["status"] == "succeeded", old
+    updated = tmp_path / "updated"  # a new commit on the Hub: one more 2 MB file to fetch
+    shutil.copytree(tiny_llama_dir, updated)
+    (updated / "extra.bin").write_bytes(os.urandom(2_000_000))
+    local_hub.add_repo(TINY_LLAMA, updated)
+    local_hub.throttle_bytes_per_sec = 300_000
+
+    update = pull(client, TINY_LLAMA)
+    wait_job(client, update, lambda j: j["status"] == "running" and j["completed_bytes"] > 0)
+    local_hub.stop()  # the Hub goes away mid-download
+    failed = wait_job(client, update)
+    assert failed["status"] == "failed", failed
+    assert TINY_LLAMA in listed(client)  # the version that worked is still the model
+
+    client = serve()  # a restart reads only the cache
+    assert TINY_LLAMA in listed(client)
+    model = next(m for m in client.get("/models").json()["models"] if m["model"] == TINY_LLAMA)
+    assert model["local_path"] == old["local_path"]
+    r = client.post("/chat", json=chat_body(TINY_LLAMA, max_tokens=4))
+    assert r.status_code == 200, r.text
+
+
+def test_jobs_are_paginated_newest_first_and_old_finished_jobs_expire(serve, local_hub: LocalHub) -> None:
+    client = serve(JOB_RETENTION="1h")
+    ids = [wait_job(client, pull(client, f"test-org/missing-{n}"))["id"] for n in range(5)]
+    newest_first = ids[::-1]
+    page = client.get("/jobs", params={"limit": 2, "offset": 1}).json()
+    assert [j["id"] for j in page["jobs"]] == newest_first[1:3]
+    assert (page["total"], page["limit"], page["offset"]) == (5, 2, 1)
+    assert client.get("/jobs", params={"offset": 5}).json()["jobs"] == []
+    for bad in ({"limit": 0}, {"limit": 100_000}, {"offset": -1}, {"limit": "x"}):
+        r = client.get("/jobs", params=bad)
+        assert r.status_code in (400, 422), (bad, r.text)
+
+    client = serve(JOB_RETENTION="0s")  # a restart with no retention: finished jobs go at once
+    deadline = time.monotonic() + 10
+    while client.get("/jobs").json()["total"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.get("/jobs").json()["total"] == 0
