@@ -16,15 +16,54 @@ import bentoml  # noqa: E402
 
 from api.app import create_app  # noqa: E402
 from runtime import Runtime  # noqa: E402
-from settings import load_settings  # noqa: E402
+from settings import Settings, load_settings  # noqa: E402
 
 app = create_app()
+
+# The container image (`make bento`), the way BentoML 1.4 builds GPU services: a slim Python base
+# and PyPI's CUDA builds, whose wheels bring the CUDA 13 user-space libraries (torch 2.13, vLLM 0.32
+# and bitsandbytes all follow that line); the host needs only an NVIDIA driver for CUDA 13 (>= 580).
+# Versions are locked at build time. torchaudio and torchcodec, which vLLM pulls in, serve no text or
+# image model and go (torchvision stays: vLLM's vision models import it).
+IMAGE = (
+    bentoml.images.Image(python_version="3.11", lock_python_packages=True)
+    .requirements_file("requirements.txt")
+    .python_packages("vllm==0.32.0")
+    .run("uv pip uninstall torchaudio torchcodec")
+)
+
+# Service options read the environment when the module is imported (at build and at serve time).
+_settings: Settings = load_settings()
+
+
+def _resources(settings: Settings) -> dict[str, object]:
+    """What BentoCloud allocates: GPU_COUNT GPUs (TENSOR_PARALLEL_SIZE by default), of GPU_TYPE."""
+    gpus = settings.gpu_count if settings.gpu_count is not None else settings.tensor_parallel_size
+    resources: dict[str, object] = {"gpu": gpus} if gpus else {"cpu": "4"}
+    if gpus and settings.gpu_type:
+        resources["gpu_type"] = settings.gpu_type
+    return resources
 
 
 @bentoml.service(
     name="ai-server",
     workers=1,  # one process owns the GPU and the model pool; concurrency comes from asyncio + batching
-    traffic={"timeout": 3600},  # long generations and streamed pulls
+    image=IMAGE,
+    resources=_resources(_settings),
+    traffic={
+        "timeout": 3600,  # long generations and streamed pulls
+        # The batch one model decodes at once: BentoCloud scales out past it. Requests beyond it
+        # wait in the model's own queue (MAX_QUEUE), so none are refused before the server says so.
+        "concurrency": _settings.max_batch_size,
+    },
+    envs=[  # what the deployment must or may set (BentoCloud asks for these)
+        {"name": "HF_TOKEN", "value": ""},
+        {"name": "API_KEYS", "value": ""},
+        {"name": "DATABASE_URL", "value": ""},
+        {"name": "DEVICE", "value": "cuda"},
+        {"name": "MAX_BATCH_SIZE", "value": str(_settings.max_batch_size)},
+        {"name": "TENSOR_PARALLEL_SIZE", "value": str(_settings.tensor_parallel_size)},
+    ],
     http={"port": 8005},
 )
 @bentoml.asgi_app(app, path="/")
@@ -40,3 +79,7 @@ class AIServer:
     @bentoml.on_shutdown
     async def stop_background_work(self) -> None:
         await self.runtime.stop()
+
+    async def __is_ready__(self) -> bool:
+        """BentoML's /readyz: the job database answers and, with DEVICE=cuda, CUDA works."""
+        return await self.runtime.ready()

@@ -75,7 +75,9 @@ class Settings(BaseSettings):
         30 * 86400.0, description="seconds finished pull jobs are kept (duration, e.g. '720h'); None = forever"
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM model is split across")
-    gpu_count: int = Field(1, ge=0, description="GPUs the service asks BentoCloud for (0: a CPU instance)")
+    gpu_count: int | None = Field(
+        None, ge=0, description="GPUs the service asks BentoCloud for (0: a CPU instance); default TENSOR_PARALLEL_SIZE"
+    )
     gpu_type: str | None = Field(None, description="BentoCloud GPU type, e.g. nvidia-l4; None = any")
 
     @field_validator("model_q4_threshold_bytes", "model_memory_budget_bytes", mode="before")
