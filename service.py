@@ -45,6 +45,26 @@ def _resources(settings: Settings) -> dict[str, object]:
     return resources
 
 
+def _image_envs(settings: Settings) -> list[dict[str, str]]:
+    """The environment the image declares: BentoML bakes these into the Containerfile and BentoCloud
+    asks for the ones without a value (DATABASE_URL: replicas share pull jobs through it).
+
+    BentoML also hands a declared default to every `bentoml serve`, so they are declared only when
+    building the image (scripts/build_bento.py sets AI_SERVER_IMAGE_BUILD=1) and inside it
+    (BENTOML_CONTAINERIZED): a local serve keeps DEVICE=auto and needs no database.
+    """
+    if not (os.environ.get("AI_SERVER_IMAGE_BUILD") == "1" or os.environ.get("BENTOML_CONTAINERIZED") == "true"):
+        return []
+    return [
+        {"name": "DATABASE_URL"},  # required on BentoCloud; empty in a plain `docker run` (SQLite)
+        {"name": "DEVICE", "value": "cuda"},  # fail loudly on a host without a working GPU
+        {"name": "HF_HOME", "value": "/home/bentoml/hf"},  # mount the shared model cache here
+        {"name": "DATA_DIR", "value": "/home/bentoml/data"},
+        {"name": "MAX_BATCH_SIZE", "value": str(settings.max_batch_size)},
+        {"name": "TENSOR_PARALLEL_SIZE", "value": str(settings.tensor_parallel_size)},
+    ]
+
+
 @bentoml.service(
     name="ai-server",
     workers=1,  # one process owns the GPU and the model pool; concurrency comes from asyncio + batching
@@ -56,14 +76,7 @@ def _resources(settings: Settings) -> dict[str, object]:
         # wait in the model's own queue (MAX_QUEUE), so none are refused before the server says so.
         "concurrency": _settings.max_batch_size,
     },
-    envs=[  # what the deployment must or may set (BentoCloud asks for these)
-        {"name": "HF_TOKEN", "value": ""},
-        {"name": "API_KEYS", "value": ""},
-        {"name": "DATABASE_URL", "value": ""},
-        {"name": "DEVICE", "value": "cuda"},
-        {"name": "MAX_BATCH_SIZE", "value": str(_settings.max_batch_size)},
-        {"name": "TENSOR_PARALLEL_SIZE", "value": str(_settings.tensor_parallel_size)},
-    ],
+    envs=_image_envs(_settings),
     http={"port": 8005},
 )
 @bentoml.asgi_app(app, path="/")

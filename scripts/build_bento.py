@@ -8,11 +8,14 @@ requirements beside it, so an operator (or CI) can read what the image installs 
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
 
-import bentoml
+os.environ["AI_SERVER_IMAGE_BUILD"] = "1"  # service.py declares the image's environment (see there)
+
+import bentoml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -60,16 +60,18 @@ def test_the_deployment_wires_probes_secret_cache_and_grace_period() -> None:
         assert env["name"] in SETTING_NAMES, env
 
 
-def test_bentocloud_config_sets_only_known_settings() -> None:
+def test_bentocloud_config_sets_only_known_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     config = yaml.safe_load((ROOT / "deploy" / "bentocloud.yaml").read_text())
     assert config["scaling"]["min_replicas"] >= 2
     assert {e["name"] for e in config["envs"]} <= SETTING_NAMES
-    import service
+    from service import _image_envs
 
-    declared = {e.name for e in service.AIServer.envs}
-    assert declared <= SETTING_NAMES
-    assert {"DATABASE_URL", "HF_TOKEN", "API_KEYS"} <= declared
-
+    assert _image_envs(Settings()) == []  # a local `bentoml serve` gets no image defaults (DEVICE stays auto)
+    monkeypatch.setenv("AI_SERVER_IMAGE_BUILD", "1")
+    declared = {e["name"]: e.get("value") for e in _image_envs(Settings())}
+    assert set(declared) <= SETTING_NAMES
+    assert declared["DEVICE"] == "cuda"
+    assert declared["DATABASE_URL"] is None  # BentoCloud requires it: from the deployment's secret
 
 def test_service_resources_follow_the_settings() -> None:
     from service import _resources
@@ -135,6 +137,6 @@ def test_the_bento_image_installs_the_cuda_13_line_locked_without_audio_packages
     assert locked["torch"] == "2.13.0" and locked["vllm"] == "0.32.0"
     assert locked["nvidia-cuda-runtime"].startswith("13.")  # torch's and vLLM's CUDA line
     assert "bitsandbytes" in locked and "psycopg-binary" in locked
-    for name in ("DATABASE_URL", "HF_TOKEN", "API_KEYS"):
-        assert f"ENV {name}=" in containerfile
-    assert "ARG DEVICE=cuda" in containerfile
+    assert "ARG DEVICE=cuda" in containerfile and "ENV DEVICE=$DEVICE" in containerfile
+    assert "ARG HF_HOME=/home/bentoml/hf" in containerfile
+    assert "ENV DATABASE_URL=$DATABASE_URL" in containerfile
