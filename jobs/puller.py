@@ -214,7 +214,7 @@ class Puller:
                 self._lose(active)
 
     async def _claim_while_free(self) -> None:
-        while len(self._active) < self._settings.max_concurrent_pulls:
+        while self.downloads_active < self._settings.max_concurrent_pulls:  # a job loading its model frees its slot
             job = await asyncio.to_thread(self.store.claim, self.owner, self._lease)
             if job is None:
                 return

@@ -38,6 +38,9 @@ _SQLITE_BUSY_TIMEOUT = 30.0  # seconds a writer waits for another process's tran
 
 def make_engine(url: str) -> Engine:
     parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        # an unreachable server fails readiness in seconds instead of a TCP timeout
+        return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":
