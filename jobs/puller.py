@@ -227,8 +227,9 @@ class Puller:
 
     async def _forget_started(self) -> None:
         """Stop counting as queued the jobs submitted here that a replica (maybe another) started."""
-        statuses = await asyncio.to_thread(self.store.statuses, list(self._waiting))
-        self._waiting -= {job_id for job_id in self._waiting if statuses.get(job_id) != "queued"}
+        asked = list(self._waiting)  # jobs submitted while the query runs are not in its answer
+        statuses = await asyncio.to_thread(self.store.statuses, asked)
+        self._waiting -= {job_id for job_id in asked if statuses.get(job_id) != "queued"}
 
     def _done(self, job_id: str) -> None:
         self._active.pop(job_id, None)

@@ -269,7 +269,7 @@ def server_process(
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         procs.append(proc)
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)  # a first chat loads the model
         deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, log.read_text()[-3000:]
