@@ -59,8 +59,9 @@ PROGRESS_INTERVAL = 0.5  # seconds between progress writes to the job row
 PURGE_INTERVAL = 60.0  # seconds between deletions of jobs past JOB_RETENTION
 STOP_WAIT = 15.0  # at most this long a stop waits for download threads to notice it, before handing back
 # huggingface_hub reports progress, and so lets a stopping server interrupt a download, once per
-# chunk read from the network: 10 MB by default, too coarse to watch on a slow link.
-hf_constants.DOWNLOAD_CHUNK_SIZE = 1024 * 1024
+# chunk read from the network: 10 MB by default, too coarse to watch on a slow link, and a stopping
+# replica hands its job over only once its download thread has noticed (STOP_WAIT).
+hf_constants.DOWNLOAD_CHUNK_SIZE = 256 * 1024
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
