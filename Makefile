@@ -39,8 +39,9 @@ bench: install
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# The Bento (image defined in service.py), and its Containerfile + locked requirements in build/bento/.
 bento: install
-	$(BIN)/bentoml build
+	$(BIN)/python scripts/build_bento.py build/bento
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -32,6 +32,14 @@ class Runtime:
         await self.jobs.start()
         self._gauges = asyncio.create_task(self._sample_gauges(), name="metrics-gauges")
 
+    async def ready(self) -> bool:
+        """Ready to serve: the job database answers and, where models run on CUDA, CUDA works."""
+        if not await self.jobs.ready():
+            return False
+        if self.pool.device == "cuda":
+            return await asyncio.to_thread(_cuda_works)
+        return True
+
     async def stop(self) -> None:
         if self._gauges:
             self._gauges.cancel()
@@ -46,3 +54,15 @@ class Runtime:
         while True:
             sampled = metrics.sample_pool(self.pool, sampled)
             await asyncio.sleep(_GAUGE_INTERVAL_SECONDS)
+
+
+def _cuda_works() -> bool:
+    """A real allocation on the GPU: `is_available()` stays true after the device fails (Xid errors)."""
+    import torch
+
+    try:
+        torch.ones(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+        return True
+    except Exception:
+        return False

@@ -84,6 +84,17 @@ class Settings(BaseSettings):
     # Per-model overrides of the parsers picked from the chat template (vLLM's names; "none" turns one off).
     tool_call_parsers: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     reasoning_parsers: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    pull_lease_seconds: float = Field(
+        30.0, ge=0.5, description="a running pull's lease; a replica that stops renewing it loses the job"
+    )
+    job_retention: float | None = Field(
+        30 * 86400.0, description="seconds finished pull jobs are kept (duration, e.g. '720h'); None = forever"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM model is split across")
+    gpu_count: int | None = Field(
+        None, ge=0, description="GPUs the service asks BentoCloud for (0: a CPU instance); default TENSOR_PARALLEL_SIZE"
+    )
+    gpu_type: str | None = Field(None, description="BentoCloud GPU type, e.g. nvidia-l4; None = any")
 
     @field_validator("model_q4_threshold_bytes", "model_memory_budget_bytes", mode="before")
     @classmethod
@@ -99,6 +110,11 @@ class Settings(BaseSettings):
     @field_validator("keep_alive", mode="before")
     @classmethod
     def _keep_alive_duration(cls, value: object) -> float | None:
+        return None if value is None else parse_duration(value)  # type: ignore[arg-type]
+
+    @field_validator("job_retention", mode="before")
+    @classmethod
+    def _retention_duration(cls, value: object) -> float | None:
         return None if value is None else parse_duration(value)  # type: ignore[arg-type]
 
     @field_validator("trust_remote_code_models", "api_keys", mode="before")
@@ -137,6 +153,9 @@ class Settings(BaseSettings):
             "max_queue": self.max_queue,
             "tool_call_parsers": self.tool_call_parsers,
             "reasoning_parsers": self.reasoning_parsers,
+            "pull_lease_seconds": self.pull_lease_seconds,
+            "job_retention_seconds": self.job_retention,
+            "tensor_parallel_size": self.tensor_parallel_size,
         }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
 from api.deps import get_runtime
@@ -30,8 +30,14 @@ async def pull(body: PullRequest, runtime: Runtime = Depends(get_runtime)) -> di
 
 
 @router.get("/jobs")
-async def jobs(runtime: Runtime = Depends(get_runtime)) -> dict[str, list[dict[str, Any]]]:
-    return {"jobs": [job.public() for job in await runtime.jobs.newest_first()]}
+async def jobs(
+    limit: int = Query(100, ge=1, le=1000, description="jobs per page, newest first"),
+    offset: int = Query(0, ge=0, description="jobs to skip"),
+    runtime: Runtime = Depends(get_runtime),
+) -> dict[str, Any]:
+    """One page of jobs, newest first; `total` counts every job kept (see JOB_RETENTION)."""
+    page, total = await runtime.jobs.page(limit, offset)
+    return {"jobs": [job.public() for job in page], "total": total, "limit": limit, "offset": offset}
 
 
 @router.get("/jobs/{job_id}")

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from sqlalchemy import BigInteger, Text
+from sqlalchemy import BigInteger, DateTime, Text
 from sqlmodel import Field, SQLModel
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -15,6 +15,12 @@ UNFINISHED: tuple[JobStatus, ...] = ("queued", "running")
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def active_key(model: str, init: bool) -> str:
+    """What makes two unfinished jobs the same job: a plain pull joins any pull of the model, a pull
+    with `init` only one that also loads it (it waits for the other, then finds the files)."""
+    return f"{model} init" if init else model
 
 
 def iso_utc(value: datetime) -> str:
@@ -45,6 +51,14 @@ class PullJob(SQLModel, table=True):
     loaded: bool | None = None  # init only: did the load succeed
     quantization: str | None = None  # init only: the precision it loaded in (nf4, bf16, ...)
     load_error: str | None = Field(default=None, sa_type=Text)
+    # Replicas sharing the database (see jobs/store.py). The unique keys are NULL once they no longer
+    # apply, and NULLs never collide: the database itself keeps one active job per model (and init
+    # flag) and one download per repository folder, whichever replica asks.
+    repo_id: str = Field(default="", index=True)
+    active_key: str | None = Field(default=None, unique=True)  # set while queued or running
+    repo_lock: str | None = Field(default=None, unique=True)  # the repo id, while its files download
+    owner: str | None = None  # the replica running it (or that last ran it)
+    lease_expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
 
     def public(self) -> dict[str, Any]:
         """The job as the API shows it: every field, datetimes as ISO-8601 UTC with a Z."""

@@ -167,6 +167,8 @@ def engine_args(
         quantization="bitsandbytes" if precision.mode == "nf4" else None,
         max_model_len=-1,  # the model's own context, shortened only if the KV cache cannot hold it
         max_num_seqs=settings.max_batch_size,
+        # Split each model across this many GPUs (models larger than one); one on CPU.
+        tensor_parallel_size=settings.tensor_parallel_size if device == "cuda" else 1,
         enforce_eager=device == "cpu",  # compiling costs ~50 s per start on CPU for ~20% speed
         disable_log_stats=True,
         # Compact JSON, as the transformers runner emits: with free whitespace, weak models can

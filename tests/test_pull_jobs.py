@@ -26,6 +26,7 @@ from runners.names import parse_model_name
 from tests.conftest import chat_body
 from tests.support.fixtures import TINY_GPT2, TINY_LLAMA
 from tests.support.hub_server import LocalHub
+from tests.support.server_process import kill_server
 from tests.support.repo_files import scan_repo
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -206,7 +207,7 @@ def test_invalid_names_are_rejected_before_any_job(serve, local_hub: LocalHub) -
         assert r.status_code == 400, (name, r.text)
         assert "error" in r.json()
     assert client.post("/pull", json={"model": TINY_LLAMA, "quantize": "q3"}).status_code == 400
-    assert client.get("/jobs").json() == {"jobs": []}
+    assert client.get("/jobs").json() == {"jobs": [], "total": 0, "limit": 100, "offset": 0}
     assert local_hub.requests == []
     r = client.get("/jobs/no-such-job")
     assert r.status_code == 404 and "no-such-job" in r.json()["error"]
@@ -240,24 +241,12 @@ def test_jobs_interrupted_by_a_stop_resume_at_the_next_start(serve, local_hub: L
     first, second = wait_job(client, running), wait_job(client, queued)
     assert (first["status"], second["status"]) == ("succeeded", "succeeded")
     assert (first["attempts"], second["attempts"]) == (2, 1)
-    assert "resumed at restart" in first["note"] and "resumed at restart" in second["note"]
+    assert "handed back by replica" in first["note"], first  # the stop gave the running job back
+    assert second["note"] is None  # it never started: it simply waited in the queue
     assert {TINY_LLAMA, TINY_GPT2} <= set(listed(client))
 
 
 # -- a real server process, killed mid-download ------------------------------------------------------------
-def kill_server(proc: subprocess.Popen) -> None:
-    """SIGKILL the supervisor and its workers (which BentoML starts in sessions of their own)."""
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for p in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(tree, timeout=10)
-    proc.wait()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -271,7 +260,7 @@ def server_process(
     """Start `bentoml serve` as a subprocess; returns a client once healthy, and the process."""
     procs: list[subprocess.Popen] = []
     env = os.environ | {"DATA_DIR": str(tmp_path / "data"), "BENTOML_HOME": str(tmp_path / "bentoml"),
-                        "HF_HUB_DISABLE_TELEMETRY": "1"}
+                        "HF_HUB_DISABLE_TELEMETRY": "1", "PULL_LEASE_SECONDS": "2"}
 
     def start() -> tuple[httpx.Client, subprocess.Popen]:
         port = _free_port()
@@ -280,7 +269,7 @@ def server_process(
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         procs.append(proc)
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)  # a first chat loads the model
         deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, log.read_text()[-3000:]
@@ -310,10 +299,10 @@ def test_server_killed_mid_download_resumes_the_job_and_never_serves_half_a_mode
     assert list((repo / "blobs").glob("*.incomplete"))  # the weights, cut off
     assert (repo / "snapshots").is_dir()  # ...beside the files already complete
 
-    client, _ = server_process()
-    job = client.get(f"/jobs/{job_id}").json()
-    assert job["status"] in ("queued", "running"), job
-    assert "resumed at restart" in job["note"]
+    client, _ = server_process()  # a short lease (PULL_LEASE_SECONDS=2): the dead owner's expires soon
+    job = wait_job(client, job_id, lambda j: j["attempts"] == 2)
+    assert job["status"] == "running", job
+    assert "stopped renewing its lease" in job["note"]
     assert TINY_LLAMA not in listed(client)
     assert client.post("/chat", json=chat_body(TINY_LLAMA)).status_code == 404
 
@@ -326,3 +315,49 @@ def test_server_killed_mid_download_resumes_the_job_and_never_serves_half_a_mode
     assert TINY_LLAMA in listed(client)
     r = client.post("/chat", json=chat_body(TINY_LLAMA, max_tokens=4))
     assert r.status_code == 200, r.text
+
+
+def test_a_failed_update_pull_leaves_the_old_snapshot_served_across_a_restart(
+    serve, local_hub: LocalHub, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    client = serve()
+    old = wait_job(client, pull(client, TINY_LLAMA))
+    assert old["status"] == "succeeded", old
+    updated = tmp_path / "updated"  # a new commit on the Hub: one more 2 MB file to fetch
+    shutil.copytree(tiny_llama_dir, updated)
+    (updated / "extra.bin").write_bytes(os.urandom(2_000_000))
+    local_hub.add_repo(TINY_LLAMA, updated)
+    local_hub.throttle_bytes_per_sec = 300_000
+
+    update = pull(client, TINY_LLAMA)
+    wait_job(client, update, lambda j: j["status"] == "running" and j["completed_bytes"] > 0)
+    local_hub.stop()  # the Hub goes away mid-download
+    failed = wait_job(client, update)
+    assert failed["status"] == "failed", failed
+    assert TINY_LLAMA in listed(client)  # the version that worked is still the model
+
+    client = serve()  # a restart reads only the cache
+    assert TINY_LLAMA in listed(client)
+    model = next(m for m in client.get("/models").json()["models"] if m["model"] == TINY_LLAMA)
+    assert model["local_path"] == old["local_path"]
+    r = client.post("/chat", json=chat_body(TINY_LLAMA, max_tokens=4))
+    assert r.status_code == 200, r.text
+
+
+def test_jobs_are_paginated_newest_first_and_old_finished_jobs_expire(serve, local_hub: LocalHub) -> None:
+    client = serve(JOB_RETENTION="1h")
+    ids = [wait_job(client, pull(client, f"test-org/missing-{n}"))["id"] for n in range(5)]
+    newest_first = ids[::-1]
+    page = client.get("/jobs", params={"limit": 2, "offset": 1}).json()
+    assert [j["id"] for j in page["jobs"]] == newest_first[1:3]
+    assert (page["total"], page["limit"], page["offset"]) == (5, 2, 1)
+    assert client.get("/jobs", params={"offset": 5}).json()["jobs"] == []
+    for bad in ({"limit": 0}, {"limit": 100_000}, {"offset": -1}, {"limit": "x"}):
+        r = client.get("/jobs", params=bad)
+        assert r.status_code in (400, 422), (bad, r.text)
+
+    client = serve(JOB_RETENTION="0s")  # a restart with no retention: finished jobs go at once
+    deadline = time.monotonic() + 10
+    while client.get("/jobs").json()["total"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.get("/jobs").json()["total"] == 0

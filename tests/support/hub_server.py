@@ -65,7 +65,8 @@ class LocalHub:
     - `fail_after_bytes`: the first GET of each file is cut after this many bytes (the connection closes
       mid-body); later GETs of that file complete, so a client that resumes or retries succeeds.
     - `gated`: repo ids answered with 403 `GatedRepo`.
-    `requests` records every request received.
+    `requests` records every request received; `peak_downloads` the most GETs of one file
+    (`"org/name/path"`) that were sending at the same time (several clients downloading it at once).
     """
 
     def __init__(
@@ -83,6 +84,8 @@ class LocalHub:
         self.fail_after_bytes = fail_after_bytes
         self.gated: set[str] = set()
         self.requests: list[HubRequest] = []
+        self.peak_downloads: dict[str, int] = {}
+        self._in_flight: dict[str, int] = {}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -388,7 +391,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{entry.size}")
         self.end_headers()
         if self.command == "GET":
-            self._send_file(entry.file, start, end - start + 1, self._cut_at(entry.file))
+            key = f"{repo_id}/{path}"
+            self._count_download(key, +1)
+            try:
+                self._send_file(entry.file, start, end - start + 1, self._cut_at(entry.file))
+            finally:
+                self._count_download(key, -1)
+
+    def _count_download(self, key: str, change: int) -> None:
+        hub = self.hub
+        with hub._lock:
+            hub._in_flight[key] = hub._in_flight.get(key, 0) + change
+            hub.peak_downloads[key] = max(hub.peak_downloads.get(key, 0), hub._in_flight[key])
 
     def _cut_at(self, file: Path) -> int | None:
         """Bytes after which to cut this response: `fail_after_bytes` on a file's first GET, else None."""

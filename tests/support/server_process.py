@@ -70,3 +70,31 @@ def stop_server(proc: subprocess.Popen, grace: float = 30) -> None:
         for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
             process.kill()
         proc.wait(timeout=10)
+
+
+def kill_server(proc: subprocess.Popen) -> None:
+    """SIGKILL the supervisor and its workers (which BentoML starts in sessions of their own)."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=10)
+    proc.wait()
+
+
+def process_tree_pids(proc: subprocess.Popen) -> set[int]:
+    """The server's process and its descendants (the worker that owns jobs among them)."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        return {proc.pid, *(c.pid for c in root.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
