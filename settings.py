@@ -68,8 +68,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where models run")
     max_batch_size: int = Field(16, ge=1, description="sequences one model decodes together (continuous batching)")
     max_queue: int = Field(64, ge=0, description="requests per model waiting for a batch slot; more get 503")
+    max_request_bytes: int = Field(16 * 2**20, ge=1, description="largest request body; larger ones get 413")
 
-    @field_validator("model_q4_threshold_bytes", "model_memory_budget_bytes", mode="before")
+    @field_validator("model_q4_threshold_bytes", "model_memory_budget_bytes", "max_request_bytes", mode="before")
     @classmethod
     def _bytes_allow_float_notation(cls, value: object) -> object:
         # "14e9" is how the original README writes the threshold.
@@ -114,6 +115,7 @@ class Settings(BaseSettings):
             "auth_enabled": bool(self.api_keys),
             "max_batch_size": self.max_batch_size,
             "max_queue": self.max_queue,
+            "max_request_bytes": self.max_request_bytes,
         }
 
 

@@ -16,6 +16,7 @@ import torch
 from errors import InvalidRequest
 from runners.base import Chunk, GenerationRequest, Runner
 from runners.batching import BatchScheduler, Emit, Sequence
+from runners.limits import fit_prompt
 from runners.local_cache import LocalModel
 from runners.prompt import render_prompt
 from runners.quantization import Precision
@@ -110,6 +111,7 @@ class TransformersRunner(Runner):
     def _encode(self, text: str, *, special_tokens: bool, reserve: int, truncate: bool = False) -> list[int]:
         """Token ids of one input, cut to fit (`truncate`) or refused (400) unless `reserve` more
         tokens fit in the context."""
+        text = fit_prompt(self.tokenizer, text, self.context_length, truncate=truncate)
         ids: list[int] = self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
         if not ids:
             ids = [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id or 0]

@@ -18,6 +18,7 @@ import psutil
 
 from errors import InvalidRequest, ServerBusy, ServerError
 from runners.base import Chunk, FinishReason, GenerationRequest, ResponseFormat, Runner, TokenLogprob
+from runners.limits import fit_prompt
 from runners.local_cache import LocalModel
 from runners.prompt import render_prompt
 from runners.quantization import Precision
@@ -122,7 +123,7 @@ class VllmRunner(Runner):
     def _encode(self, request: GenerationRequest) -> tuple[str, list[int]]:
         """The prompt text (rendered as for every engine) and its token ids, refused (400) unless
         at least one token fits after it. Blocking: runs in a thread."""
-        text = render_prompt(self.tokenizer, request)
+        text = fit_prompt(self.tokenizer, render_prompt(self.tokenizer, request), self.engine.model_config.max_model_len)
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:  # an empty prompt still needs a token to start from, as in the transformers runner
             tok = self.tokenizer
