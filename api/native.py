@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import get_runtime
+from api.strict_json import StrictJSONRoute
 from api.ollama import final_stats
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
 from jobs.models import iso_utc
@@ -18,7 +19,7 @@ from runners.generation import Generation, start_generation
 from runners.local_cache import list_local
 from runtime import Runtime
 
-router = APIRouter(tags=["native"])
+router = APIRouter(tags=["native"], route_class=StrictJSONRoute)
 
 
 class Message(BaseModel):
@@ -27,6 +28,8 @@ class Message(BaseModel):
 
 
 class ChatRequest(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     model: str
     messages: list[Message] = Field(min_length=1)
     max_tokens: int = Field(512, ge=1)

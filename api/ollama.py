@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from api.deps import get_runtime
+from api.strict_json import StrictJSONRoute
 from api.ollama_schemas import (
     ChatRequest,
     CopyRequest,
@@ -34,7 +35,7 @@ from runners.names import parse_model_name
 from runners.pool import KeepAlive, LoadedModel
 from runtime import Runtime
 
-router = APIRouter(tags=["ollama"])
+router = APIRouter(tags=["ollama"], route_class=StrictJSONRoute)
 
 # The Ollama API level this dialect follows; clients gate features on it.
 OLLAMA_API_VERSION = "0.12.6"
@@ -270,7 +271,8 @@ async def pull(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Res
         while (job := await runtime.jobs.get(job.id)).status in ("queued", "running"):
             await asyncio.sleep(_PULL_POLL_SECONDS)
         if job.status != "succeeded":
-            return JSONResponse({"error": job.error or f"pull {job.status}"}, status_code=500)
+            error = job.error or f"pull {job.status}"
+            return JSONResponse({"error": error}, status_code=_pull_failure_status(error))
         return JSONResponse({"status": "success"})
 
     async def progress() -> AsyncIterator[str]:
@@ -292,6 +294,17 @@ async def pull(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Res
             yield _line({"error": current.error or f"pull {current.status}"})
 
     return StreamingResponse(progress(), media_type=NDJSON_MEDIA_TYPE)
+
+
+def _pull_failure_status(error: str) -> int:
+    """Ollama answers a failed pull with the registry's reason and, lacking a status, 500
+    (server/routes.go, waitForStream). A model that does not exist or may not be read is the
+    client's to fix, so those are 404 and 403 here; the Hub unreachable or a full disk stay 5xx."""
+    if "was not found" in error:  # jobs.puller.describe_failure's words for a repo or revision
+        return 404
+    if "not authorized" in error or "gated model" in error:
+        return 403
+    return 500
 
 
 # -- server --------------------------------------------------------------------------------------

@@ -14,6 +14,12 @@ from typing import Any
 
 from errors import InvalidRequest
 
+# Ranges of the sampling options every dialect shares (each dialect's schema applies them).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what torch's and vLLM's generators take
+TOP_K_MAX = 2**31 - 1  # engines keep top_k in 32-bit tensors
+PENALTY_MIN, PENALTY_MAX = -2.0, 2.0  # presence and frequency penalties, as OpenAI and vLLM
+REPEAT_PENALTY_MIN, REPEAT_PENALTY_MAX = 0.01, 2.0  # beyond these, penalized logits overflow float32
+
 _longest: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 

@@ -11,6 +11,9 @@ import torch
 
 from runners.base import SamplingOptions
 
+# Temperatures below this are greedy (as vLLM's _SAMPLING_EPS): dividing by a tinier one overflows.
+GREEDY_BELOW = 1e-5
+
 
 def make_generator(options: SamplingOptions, device: str) -> torch.Generator:
     """A private RNG per request: a seed reproduces its output whatever else runs concurrently."""
@@ -46,7 +49,7 @@ def next_token(
         ids = torch.tensor(list(counts), device=logits.device)
         freq = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
         logits[ids] -= options.presence_penalty + options.frequency_penalty * freq
-    if options.temperature <= 0:
+    if options.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = logits / options.temperature
     if options.top_k > 0 and options.top_k < logits.numel():

@@ -69,3 +69,128 @@ def test_a_prompt_longer_than_any_context_is_refused_before_tokenizing(client) -
     # Embeddings that may be truncated are cut, not refused.
     r = client.post("/api/embed", json={"model": LLAMA, "input": "b" * 900_000})
     assert r.status_code == 200 and r.json()["prompt_eval_count"] <= 512
+
+
+# -- numbers, strings and headers ----------------------------------------------------------------
+
+def _raw(client, path: str, body: str, **headers: str):
+    return client.post(path, content=body.encode(), headers={"content-type": "application/json", **headers})
+
+
+def _ollama_error(r) -> str:
+    assert r.status_code == 400, (r.status_code, r.text)
+    return r.json()["error"]
+
+
+def _openai_error(r) -> dict:
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    return r.json()["error"]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_numbers_are_malformed_json_in_every_dialect(client, literal: str) -> None:
+    """Python's json accepts these; JSON does not, and they once reached the sampler (a NaN
+    penalty aborted every request in the batch)."""
+    msg = f'[{{"role": "user", "content": "hi"}}]'
+    assert "JSON" in _ollama_error(_raw(client, "/api/chat", f'{{"model": "{LLAMA}", "messages": {msg}, '
+                                                             f'"options": {{"repeat_penalty": {literal}}}}}'))
+    assert "JSON" in _openai_error(_raw(client, "/v1/chat/completions",
+                                        f'{{"model": "{LLAMA}", "messages": {msg}, "temperature": {literal}}}'))["message"]
+    assert "JSON" in _ollama_error(_raw(client, "/chat", f'{{"model": "{LLAMA}", "messages": {msg}, '
+                                                        f'"temperature": {literal}}}'))
+    assert "JSON" in _ollama_error(_raw(client, "/api/generate", f'{{"model": "{LLAMA}", "keep_alive": {literal}}}'))
+    assert client.get("/api/version").status_code == 200
+
+
+@pytest.mark.parametrize("text", ["NaN", "inf", "-Infinity"])
+def test_non_finite_numbers_spelled_as_strings_are_refused(client, text: str) -> None:
+    assert "temperature" in _ollama_error(client.post("/api/generate", json={
+        "model": LLAMA, "prompt": "hi", "options": {"temperature": text}}))
+    assert _openai_error(client.post("/v1/completions", json={"model": LLAMA, "prompt": "hi", "top_p": text}))["param"] == "top_p"
+    assert "keep_alive" in _ollama_error(client.post("/api/generate", json={"model": LLAMA, "keep_alive": text}))
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("seed", 2**70), ("seed", -(2**70)), ("top_k", 2**40), ("presence_penalty", 1e300),
+    ("frequency_penalty", -3), ("repeat_penalty", 1e-300), ("repeat_penalty", 50), ("top_p", 0), ("min_p", 1.5),
+    ("temperature", -1),
+])
+def test_ollama_options_out_of_range_are_400_naming_them(client, option: str, value: float) -> None:
+    r = client.post("/api/generate", json={"model": LLAMA, "prompt": "hi", "stream": False, "options": {option: value}})
+    assert option in _ollama_error(r)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("seed", 2**70), ("top_k", 2**40), ("repetition_penalty", 1e-300), ("temperature", 3), ("n", 1000),
+])
+def test_openai_fields_out_of_range_are_400_naming_them(client, field: str, value: float) -> None:
+    assert _openai_error(client.post("/v1/chat/completions", json=chat_body(LLAMA, **{field: value})))["param"] == field
+
+
+def test_n_that_could_never_run_is_400_not_busy(client) -> None:
+    """MAX_BATCH_SIZE 16 + MAX_QUEUE 64: 81 samples can never be admitted, so it is not a 503 to retry."""
+    error = _openai_error(client.post("/v1/completions", json={"model": LLAMA, "prompt": "hi", "n": 81, "max_tokens": 1}))
+    assert error["param"] == "n" and "MAX_BATCH_SIZE" in error["message"]
+    error = _openai_error(client.post("/v1/completions", json={"model": LLAMA, "prompt": ["a", "b", "c"], "n": 30}))
+    assert "90 sequences" in error["message"]
+
+
+def test_the_largest_seed_wraps_for_the_second_sample(client) -> None:
+    r = client.post("/v1/completions", json={"model": LLAMA, "prompt": "hi", "n": 2, "max_tokens": 3,
+                                             "seed": 2**63 - 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
+
+
+def test_a_tiny_temperature_is_greedy(client) -> None:
+    """Dividing logits by 1e-300 overflows to inf and NaN probabilities; below 1e-5 means greedy."""
+    def text(temperature: float) -> str:
+        r = client.post("/api/generate", json={"model": LLAMA, "prompt": "hi", "stream": False,
+                                               "options": {"temperature": temperature, "num_predict": 6}})
+        assert r.status_code == 200, r.text
+        return r.json()["response"]
+
+    assert text(1e-300) == text(0)
+
+
+@pytest.mark.parametrize("keep_alive", [1e20, "99999999h", 2**70])
+def test_an_enormous_keep_alive_means_forever_and_ps_still_answers(client, keep_alive: object) -> None:
+    r = client.post("/api/generate", json={"model": LLAMA, "keep_alive": keep_alive})
+    assert r.status_code == 200 and r.json()["done_reason"] == "load"
+    ps = client.get("/api/ps")
+    assert ps.status_code == 200
+    [entry] = ps.json()["models"]
+    assert entry["expires_at"].startswith("2318-")  # Ollama's "never"
+    # A negative keep_alive is forever too; a long but real one expires when it says.
+    client.post("/api/generate", json={"model": LLAMA, "keep_alive": "2400h"})
+    assert client.get("/api/ps").json()["models"][0]["expires_at"][:4] != "2318"
+
+
+def test_a_lone_surrogate_in_a_message_is_400(client) -> None:
+    surrogate = r'"\ud800 hi"'
+    messages = f'[{{"role": "user", "content": {surrogate}}}]'
+    assert "surrogate" in _ollama_error(_raw(client, "/api/chat", f'{{"model": "{LLAMA}", "messages": {messages}}}'))
+    assert "surrogate" in _openai_error(_raw(client, "/v1/chat/completions",
+                                             f'{{"model": "{LLAMA}", "messages": {messages}}}'))["message"]
+    assert "surrogate" in _ollama_error(_raw(client, "/chat", f'{{"model": "{LLAMA}", "messages": {messages}}}'))
+    # A proper pair is a character, and welcome.
+    pair = r'"\ud83d\ude00"'
+    r = _raw(client, "/api/generate", f'{{"model": "{LLAMA}", "prompt": {pair}, "stream": false, '
+                                      f'"options": {{"num_predict": 1}}}}')
+    assert r.status_code == 200, r.text
+
+
+def test_a_non_ascii_authorization_header_is_401(serve, install_model, tiny_llama_dir: Path) -> None:
+    install_model(tiny_llama_dir, LLAMA)
+    client = serve(API_KEYS="secret")
+    r = client.get("/api/tags", headers={"Authorization": b"Bearer s\xe9cret\xff"})
+    assert r.status_code == 401 and "API key" in r.json()["error"]
+    r = client.get("/v1/models", headers={"Authorization": b"Bearer \xff"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert client.get("/api/tags", headers={"Authorization": "Bearer secret"}).status_code == 200
+
+
+def test_pulling_a_repo_that_does_not_exist_is_404(serve, local_hub) -> None:
+    client = serve()
+    r = client.post("/api/pull", json={"model": "test-org/does-not-exist", "stream": False})
+    assert r.status_code == 404 and "not found" in r.json()["error"]
