@@ -3,6 +3,8 @@ strings and headers in every dialect. None may answer 5xx or disturb the next re
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,3 +196,49 @@ def test_pulling_a_repo_that_does_not_exist_is_404(serve, local_hub) -> None:
     client = serve()
     r = client.post("/api/pull", json={"model": "test-org/does-not-exist", "stream": False})
     assert r.status_code == 404 and "not found" in r.json()["error"]
+
+
+# -- a failing row leaves the batch --------------------------------------------------------------
+
+# A string pattern nothing can match: the schema compiles, and the output runs into a dead end a few
+# tokens in (after `{"a":"x`), in the middle of decoding: a real per-row failure at run time.
+DEAD_END = {"type": "object", "properties": {"a": {"type": "string", "pattern": "x[^\\s\\S]"}}, "required": ["a"]}
+
+
+def test_a_row_that_fails_leaves_the_batch_and_the_others_finish_as_alone(
+    serve, install_model, tiny_llama_dir: Path
+) -> None:
+    from tests.conftest import current_runtime
+
+    install_model(tiny_llama_dir, LLAMA)
+    client = serve(BACKEND="transformers")
+
+    def generate(prompt: str, results: dict[str, object] | None = None, **extra: object) -> object:
+        r = client.post("/api/generate", json={"model": LLAMA, "prompt": prompt, "stream": False, **extra,
+                                               "options": {"temperature": 0, "num_predict": 150, "ignore_eos": True}})
+        if results is not None:
+            results[prompt] = r
+        return r
+
+    alone = {p: generate(p).json()["response"] for p in ("alpha", "beta")}  # type: ignore[union-attr]
+    bad = generate("gamma", format=DEAD_END)  # alone first: also compiles the grammar machinery
+    assert bad.status_code == 400 and "cannot be satisfied" in bad.json()["error"]  # type: ignore[union-attr]
+
+    runner = current_runtime().pool.get_loaded(LLAMA).runner
+    together: dict[str, object] = {}
+    threads = [threading.Thread(target=generate, args=(p, together)) for p in alone]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while runner.batch_size() < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    bad = generate("gamma", format=DEAD_END)
+    still_running = runner.batch_size()
+    for thread in threads:
+        thread.join()
+    assert bad.status_code == 400 and "cannot be satisfied" in bad.json()["error"]  # type: ignore[union-attr]
+    assert still_running == 2, "the healthy rows should still have been decoding when the bad one failed"
+    for prompt, text in alone.items():
+        r = together[prompt]
+        assert r.status_code == 200, r.text  # type: ignore[union-attr]
+        assert r.json()["response"] == text and r.json()["eval_count"] == 150  # type: ignore[union-attr]
