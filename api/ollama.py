@@ -60,8 +60,9 @@ def _now() -> str:
     return iso_utc(datetime.now(timezone.utc))
 
 
-def _local_or_404(name: str) -> LocalModel:
-    local = find_local(parse_model_name(name))
+async def _local_or_404(name: str) -> LocalModel:
+    """The complete local snapshot of `name`; it reads the cache, so in a thread, off the event loop."""
+    local = await asyncio.to_thread(find_local, parse_model_name(name))
     if local is None:
         raise ModelNotFound(f"model '{name}' not found, try pulling it first", param="model")
     return local
@@ -136,7 +137,7 @@ def _line(payload: dict[str, Any]) -> str:
 
 async def _load_or_unload(runtime: Runtime, model: str, keep_alive: KeepAlive, empty: dict) -> JSONResponse:
     """Ollama's convention: no prompt loads the model; no prompt with keep_alive 0 unloads it."""
-    _local_or_404(model)
+    await _local_or_404(model)
     if keep_alive == 0:
         await runtime.pool.unload(model)
         reason = "unload"
@@ -195,7 +196,7 @@ async def tags() -> dict[str, Any]:
 
 @router.post("/api/show")
 async def show(body: NamedModel) -> dict[str, Any]:
-    local = _local_or_404(body.model)
+    local = await _local_or_404(body.model)
     info = await asyncio.to_thread(describe, local)
     generation_config = local.path / "generation_config.json"
     params = json.loads(generation_config.read_text()) if generation_config.is_file() else {}
@@ -247,7 +248,7 @@ def _running_entry(entry: LoadedModel) -> dict[str, Any]:
 
 @router.delete("/api/delete")
 async def delete(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Response:
-    local = _local_or_404(body.model)
+    local = await _local_or_404(body.model)
     await runtime.pool.unload(local.ref.name)
     await asyncio.to_thread(delete_model, local.ref)
     return Response(status_code=200)
@@ -255,7 +256,7 @@ async def delete(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> R
 
 @router.post("/api/copy")
 async def copy(body: CopyRequest) -> Response:
-    source = _local_or_404(body.source)
+    source = await _local_or_404(body.source)
     destination = parse_model_name(body.destination)
     await asyncio.to_thread(copy_model, source, destination)
     return Response(status_code=200)

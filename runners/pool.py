@@ -159,7 +159,7 @@ class ModelPool:
 
     # -- loading ---------------------------------------------------------------------------
     async def _load_shared(self, ref: ModelRef, quantize: QuantizeRequest) -> LoadedModel:
-        local = find_local(ref)
+        local = await asyncio.to_thread(find_local, ref)  # reads the cache: off the event loop
         if local is None:
             raise ModelNotFound(
                 f"model '{ref.name}' is not pulled; pull it first (POST /pull or /api/pull with "

@@ -242,3 +242,76 @@ def test_a_row_that_fails_leaves_the_batch_and_the_others_finish_as_alone(
         r = together[prompt]
         assert r.status_code == 200, r.text  # type: ignore[union-attr]
         assert r.json()["response"] == text and r.json()["eval_count"] == 150  # type: ignore[union-attr]
+
+
+# -- copy and delete cannot lose a model ---------------------------------------------------------
+
+GPT2 = "test-org/tiny-gpt2"
+_GREEDY = {"temperature": 0, "num_predict": 4}
+
+
+@pytest.fixture
+def models(serve, install_model, tiny_llama_dir: Path, tiny_gpt2_dir: Path):
+    snapshots = {LLAMA: install_model(tiny_llama_dir, LLAMA), GPT2: install_model(tiny_gpt2_dir, GPT2)}
+    return serve(), snapshots
+
+
+def _says(client, model: str) -> str:
+    r = client.post("/api/generate", json={"model": model, "prompt": "hi", "stream": False, "options": _GREEDY})
+    assert r.status_code == 200, r.text
+    return r.json()["response"]
+
+
+def _names(client) -> set[str]:
+    return {m["model"] for m in client.get("/api/tags").json()["models"]}
+
+
+@pytest.mark.parametrize("destination", [LLAMA, f"{LLAMA}:latest", f"{LLAMA}:main"])
+def test_copy_onto_itself_is_refused_and_the_model_survives(models, destination: str) -> None:
+    client, snapshots = models
+    before = _says(client, LLAMA)
+    r = client.post("/api/copy", json={"source": LLAMA, "destination": destination})
+    assert r.status_code == 400 and "already is" in r.json()["error"]
+    assert snapshots[LLAMA].is_dir() and not snapshots[LLAMA].is_symlink()
+    assert _says(client, LLAMA) == before
+    assert client.request("DELETE", "/api/delete", json={"model": LLAMA}).status_code == 200
+
+
+def test_an_alias_copied_back_onto_its_source_is_refused(models) -> None:
+    client, snapshots = models
+    assert client.post("/api/copy", json={"source": LLAMA, "destination": "mine/llama"}).status_code == 200
+    r = client.post("/api/copy", json={"source": "mine/llama", "destination": LLAMA})
+    assert r.status_code == 400 and "already is" in r.json()["error"]
+    assert snapshots[LLAMA].is_dir() and not snapshots[LLAMA].is_symlink()
+    assert _says(client, LLAMA) == _says(client, "mine/llama")
+
+
+def test_a_copy_to_another_tag_of_the_same_repo_is_a_second_ref(models) -> None:
+    client, snapshots = models
+    assert client.post("/api/copy", json={"source": LLAMA, "destination": f"{LLAMA}:v2"}).status_code == 200
+    assert {f"{LLAMA}:latest", f"{LLAMA}:v2"} <= _names(client)
+    assert client.request("DELETE", "/api/delete", json={"model": f"{LLAMA}:v2"}).status_code == 200
+    assert snapshots[LLAMA].is_dir() and _says(client, LLAMA)
+
+
+def test_a_copy_over_another_model_keeps_that_models_files(models) -> None:
+    client, snapshots = models
+    llama_says = _says(client, LLAMA)
+    assert client.post("/api/copy", json={"source": LLAMA, "destination": GPT2}).status_code == 200
+    assert _says(client, GPT2) == llama_says  # the name now means the copy
+    assert (snapshots[GPT2] / "config.json").is_file()  # the files it named are still there
+    assert snapshots[LLAMA].is_dir() and not snapshots[LLAMA].is_symlink()
+
+
+def test_deleting_a_model_that_has_copies_names_them_and_keeps_everything(models) -> None:
+    client, snapshots = models
+    for alias in ("mine/a", "mine/b:v1"):
+        assert client.post("/api/copy", json={"source": LLAMA, "destination": alias}).status_code == 200
+    r = client.request("DELETE", "/api/delete", json={"model": LLAMA})
+    assert r.status_code == 400 and "mine/a" in r.json()["error"] and "mine/b:v1" in r.json()["error"]
+    assert {"mine/a:latest", "mine/b:v1", f"{LLAMA}:latest"} <= _names(client)
+    assert _says(client, "mine/a") == _says(client, LLAMA)
+    for name in ("mine/a", "mine/b:v1", LLAMA):
+        assert client.request("DELETE", "/api/delete", json={"model": name}).status_code == 200
+    assert not snapshots[LLAMA].exists()
+    assert not {"mine/a:latest", "mine/b:v1", f"{LLAMA}:latest"} & _names(client)
