@@ -16,6 +16,7 @@ import torch
 from errors import InvalidRequest
 from runners.base import Chunk, GenerationRequest, Runner
 from runners.batching import BatchScheduler, Emit, Sequence
+from runners.collector import ChunkCollector
 from runners.limits import fit_prompt
 from runners.local_cache import LocalModel
 from runners.prompt import render_prompt
@@ -74,20 +75,14 @@ class TransformersRunner(Runner):
         return cls(model, precision, device, hf_model, tokenizer, max_batch_size, max_queue)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
-
-        def emit(item: Chunk | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        output = ChunkCollector()  # bounded: chunks a slow reader has not taken merge into one
 
         # Tokenizing and compiling a grammar happen here, so their errors reach this request only.
-        sequence = await asyncio.to_thread(self._sequence, request, emit)
+        sequence = await asyncio.to_thread(self._sequence, request, output.put)
         self._scheduler.submit(sequence)
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+                item = await output.get()
                 yield item
                 if item.finish_reason is not None:
                     return

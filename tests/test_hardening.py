@@ -315,3 +315,66 @@ def test_deleting_a_model_that_has_copies_names_them_and_keeps_everything(models
         assert client.request("DELETE", "/api/delete", json={"model": name}).status_code == 200
     assert not snapshots[LLAMA].exists()
     assert not {"mine/a:latest", "mine/b:v1", f"{LLAMA}:latest"} & _names(client)
+
+
+# -- the pool's reaper and the output of slow readers --------------------------------------------
+
+def _wait_until(predicate, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_the_keep_alive_reaper_survives_an_unload_that_raises(serve, install_model, tiny_llama_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import current_runtime
+
+    for name in (LLAMA, "test-org/second"):
+        install_model(tiny_llama_dir, name)
+    client = serve(KEEP_ALIVE="1s", BACKEND="transformers")
+    loaded = lambda: {m["model"] for m in client.get("/api/ps").json()["models"]}  # noqa: E731
+    assert client.post("/api/generate", json={"model": LLAMA}).status_code == 200
+    runner = current_runtime().pool.get_loaded(LLAMA).runner
+    real_unload = runner.unload
+
+    def failing_unload() -> None:  # an unload that fails (a CUDA error, say: none can happen on this CPU)
+        real_unload()
+        raise RuntimeError("unload failed")
+
+    monkeypatch.setattr(runner, "unload", failing_unload)
+    assert _wait_until(lambda: not loaded())
+    assert client.post("/api/generate", json={"model": "test-org/second"}).status_code == 200
+    assert loaded() == {"test-org/second:latest"}
+    assert _wait_until(lambda: not loaded()), "the reaper died with the failed unload"
+
+
+def test_output_a_reader_has_not_taken_is_merged_not_queued(serve, install_model, tiny_llama_dir: Path) -> None:
+    """The decode loop never waits for a slow reader: what it has not read merges into one chunk."""
+    from runners.base import GenerationRequest, SamplingOptions
+    from tests.conftest import current_runtime
+
+    install_model(tiny_llama_dir, LLAMA)
+    client = serve(BACKEND="transformers")
+    options = {"temperature": 0, "num_predict": 120, "ignore_eos": True}
+    whole = client.post("/api/generate", json={"model": LLAMA, "prompt": "hi", "raw": True, "stream": False,
+                                               "options": options}).json()["response"]
+    runner = current_runtime().pool.get_loaded(LLAMA).runner
+
+    async def read_first_then_pause():  # noqa: ANN202
+        import asyncio
+
+        request = GenerationRequest(prompt="hi", options=SamplingOptions(max_tokens=120, temperature=0,
+                                                                         ignore_eos=True, repeat_penalty=1.1))
+        chunks = runner.generate(request)
+        first = await anext(chunks)
+        while runner.batch_size():  # the whole generation finishes while nobody reads
+            await asyncio.sleep(0.01)
+        return first, [chunk async for chunk in chunks]
+
+    first, rest = client.portal.call(read_first_then_pause)
+    assert len(rest) == 1, f"{len(rest)} chunks were queued for the reader"
+    assert rest[0].finish_reason == "length" and rest[0].completion_tokens == 120
+    assert first.text + rest[0].text == whole
