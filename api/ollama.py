@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -305,7 +306,8 @@ def _pull_failure_status(error: str) -> int:
         return 404
     if "not authorized" in error or "gated model" in error:
         return 403
-    return 500
+    hub = re.search(r"answered HTTP (4\d\d)", error)  # any other refusal of the Hub's, passed on
+    return int(hub.group(1)) if hub else 500
 
 
 # -- server --------------------------------------------------------------------------------------
