@@ -62,6 +62,7 @@ def next_token(
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= options.top_p
+        drop[0] = False  # a top_p below float32's smallest number compares as 0 and would drop it too
         probs = probs.clone()
         probs[order[drop]] = 0.0
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

@@ -378,3 +378,12 @@ def test_output_a_reader_has_not_taken_is_merged_not_queued(serve, install_model
     assert len(rest) == 1, f"{len(rest)} chunks were queued for the reader"
     assert rest[0].finish_reason == "length" and rest[0].completion_tokens == 120
     assert first.text + rest[0].text == whole
+
+
+def test_a_top_p_below_float32s_smallest_number_keeps_the_best_token(client) -> None:
+    """5e-324 is a valid top_p (> 0) that float32 rounds to 0: every token compared as "past
+    top_p" and the sampler divided zero by zero."""
+    for top_p in (5e-324, 1e-46):
+        r = client.post("/api/generate", json={"model": LLAMA, "prompt": "hi", "stream": False,
+                                               "options": {"top_p": top_p, "temperature": 1, "num_predict": 3}})
+        assert r.status_code == 200, r.text
