@@ -233,6 +233,10 @@ def test_a_row_that_fails_leaves_the_batch_and_the_others_finish_as_alone(
     while runner.batch_size() < 2 and time.monotonic() < deadline:
         time.sleep(0.005)
     bad = generate("gamma", format=DEAD_END)
+    # The failed row's error is sent from inside the step; it leaves the batch right after that step.
+    deadline = time.monotonic() + 5
+    while runner.batch_size() > 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
     still_running = runner.batch_size()
     for thread in threads:
         thread.join()
