@@ -10,9 +10,9 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import get_runtime
-from api.strict_json import StrictJSONRoute
 from api.ollama import final_stats
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
+from api.strict_json import StrictJSONRoute
 from jobs.models import iso_utc
 from runners.base import Chunk, GenerationRequest, SamplingOptions
 from runners.generation import Generation, start_generation

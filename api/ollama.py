@@ -15,7 +15,6 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from api.deps import get_runtime
-from api.strict_json import StrictJSONRoute
 from api.ollama_schemas import (
     ChatRequest,
     CopyRequest,
@@ -25,6 +24,7 @@ from api.ollama_schemas import (
     NamedModel,
 )
 from api.streaming import NDJSON_MEDIA_TYPE, started_stream, stream_generation
+from api.strict_json import StrictJSONRoute
 from errors import InvalidRequest, ModelNotFound
 from jobs.models import iso_utc
 from runners.base import GenerationRequest

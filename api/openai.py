@@ -18,10 +18,10 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from api.deps import get_runtime
-from api.strict_json import StrictJSONRoute
 from api.errors import openai_error
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, GenerationParams
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
+from api.strict_json import StrictJSONRoute
 from errors import InvalidRequest, ModelNotFound, ServerError
 from runners import structured
 from runners.base import Chunk, GenerationRequest, ResponseFormat, SamplingOptions, TokenLogprob

@@ -53,7 +53,8 @@ def _encodable(string: str, text: str) -> None:
     try:
         string.encode()
     except UnicodeEncodeError as exc:
-        raise json.JSONDecodeError(f"lone surrogate \\u{ord(string[exc.start]):04x} is not a character", text, 0) from None
+        reason = f"lone surrogate \\u{ord(string[exc.start]):04x} is not a character"
+        raise json.JSONDecodeError(reason, text, 0) from None
 
 
 class StrictJSONRequest(Request):

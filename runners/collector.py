@@ -49,6 +49,8 @@ class ChunkCollector:
 
 def merge(first: Chunk, then: Chunk) -> Chunk:
     """Two consecutive chunks of one stream as one (the later one's finish and counts win)."""
-    logprobs = None if first.logprobs is None and then.logprobs is None else [*(first.logprobs or []), *(then.logprobs or [])]
+    logprobs = None
+    if first.logprobs is not None or then.logprobs is not None:
+        logprobs = [*(first.logprobs or []), *(then.logprobs or [])]
     return Chunk(first.text + then.text, finish_reason=then.finish_reason, prompt_tokens=then.prompt_tokens,
                  completion_tokens=then.completion_tokens, logprobs=logprobs)

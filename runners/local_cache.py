@@ -178,7 +178,8 @@ def delete_model(ref: ModelRef) -> bool:
         return False
     commit = ref_file.read_text().strip()
     refs = root / "refs"
-    others = {p.read_text().strip() for p in refs.rglob("*") if p.is_file() and p != ref_file} if refs.is_dir() else set()
+    other_refs = [p for p in refs.rglob("*") if p.is_file() and p != ref_file] if refs.is_dir() else []
+    others = {p.read_text().strip() for p in other_refs}
     snapshot = root / "snapshots" / commit
     if commit not in others and not snapshot.is_symlink() and (copies := aliases_of(snapshot)):
         raise InvalidRequest(f"'{ref.name}' has copies that use its files ({', '.join(copies)}); delete them first",

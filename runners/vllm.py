@@ -123,12 +123,12 @@ class VllmRunner(Runner):
     def _encode(self, request: GenerationRequest) -> tuple[str, list[int]]:
         """The prompt text (rendered as for every engine) and its token ids, refused (400) unless
         at least one token fits after it. Blocking: runs in a thread."""
-        text = fit_prompt(self.tokenizer, render_prompt(self.tokenizer, request), self.engine.model_config.max_model_len)
+        context = self.engine.model_config.max_model_len
+        text = fit_prompt(self.tokenizer, render_prompt(self.tokenizer, request), context)
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:  # an empty prompt still needs a token to start from, as in the transformers runner
             tok = self.tokenizer
             ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id or 0]
-        context = self.engine.model_config.max_model_len
         if len(ids) + 1 > context:
             raise InvalidRequest(f"input is {len(ids)} tokens; the model's context is {context} tokens")
         return text, ids

@@ -54,7 +54,8 @@ def test_no_generated_request_gets_a_server_error(client) -> None:
         operation = data.draw(st.sampled_from(operations))
         case = data.draw(operation.as_strategy())
         response = case.call()
-        assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.status_code} {response.text}"
+        where = f"{case.method} {case.formatted_path}"
+        assert response.status_code < 500, f"{where}: {response.status_code} {response.text}"
 
     check()
 

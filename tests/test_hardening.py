@@ -94,11 +94,11 @@ def _openai_error(r) -> dict:
 def test_non_finite_numbers_are_malformed_json_in_every_dialect(client, literal: str) -> None:
     """Python's json accepts these; JSON does not, and they once reached the sampler (a NaN
     penalty aborted every request in the batch)."""
-    msg = f'[{{"role": "user", "content": "hi"}}]'
+    msg = '[{"role": "user", "content": "hi"}]'
     assert "JSON" in _ollama_error(_raw(client, "/api/chat", f'{{"model": "{LLAMA}", "messages": {msg}, '
                                                              f'"options": {{"repeat_penalty": {literal}}}}}'))
-    assert "JSON" in _openai_error(_raw(client, "/v1/chat/completions",
-                                        f'{{"model": "{LLAMA}", "messages": {msg}, "temperature": {literal}}}'))["message"]
+    body = f'{{"model": "{LLAMA}", "messages": {msg}, "temperature": {literal}}}'
+    assert "JSON" in _openai_error(_raw(client, "/v1/chat/completions", body))["message"]
     assert "JSON" in _ollama_error(_raw(client, "/chat", f'{{"model": "{LLAMA}", "messages": {msg}, '
                                                         f'"temperature": {literal}}}'))
     assert "JSON" in _ollama_error(_raw(client, "/api/generate", f'{{"model": "{LLAMA}", "keep_alive": {literal}}}'))
@@ -109,7 +109,8 @@ def test_non_finite_numbers_are_malformed_json_in_every_dialect(client, literal:
 def test_non_finite_numbers_spelled_as_strings_are_refused(client, text: str) -> None:
     assert "temperature" in _ollama_error(client.post("/api/generate", json={
         "model": LLAMA, "prompt": "hi", "options": {"temperature": text}}))
-    assert _openai_error(client.post("/v1/completions", json={"model": LLAMA, "prompt": "hi", "top_p": text}))["param"] == "top_p"
+    r = client.post("/v1/completions", json={"model": LLAMA, "prompt": "hi", "top_p": text})
+    assert _openai_error(r)["param"] == "top_p"
     assert "keep_alive" in _ollama_error(client.post("/api/generate", json={"model": LLAMA, "keep_alive": text}))
 
 
@@ -132,7 +133,8 @@ def test_openai_fields_out_of_range_are_400_naming_them(client, field: str, valu
 
 def test_n_that_could_never_run_is_400_not_busy(client) -> None:
     """MAX_BATCH_SIZE 16 + MAX_QUEUE 64: 81 samples can never be admitted, so it is not a 503 to retry."""
-    error = _openai_error(client.post("/v1/completions", json={"model": LLAMA, "prompt": "hi", "n": 81, "max_tokens": 1}))
+    r = client.post("/v1/completions", json={"model": LLAMA, "prompt": "hi", "n": 81, "max_tokens": 1})
+    error = _openai_error(r)
     assert error["param"] == "n" and "MAX_BATCH_SIZE" in error["message"]
     error = _openai_error(client.post("/v1/completions", json={"model": LLAMA, "prompt": ["a", "b", "c"], "n": 30}))
     assert "90 sequences" in error["message"]
