@@ -17,6 +17,7 @@ import bentoml  # noqa: E402
 from api.app import create_app  # noqa: E402
 from runtime import Runtime  # noqa: E402
 from settings import Settings, load_settings  # noqa: E402
+from supervision import exit_with_parent  # noqa: E402
 
 app = create_app()
 
@@ -82,6 +83,7 @@ def _image_envs(settings: Settings) -> list[dict[str, str]]:
 @bentoml.asgi_app(app, path="/")
 class AIServer:
     def __init__(self) -> None:
+        exit_with_parent()  # BentoML's worker has a session of its own: a killed supervisor leaves it
         self.runtime = Runtime(load_settings())
         app.state.runtime = self.runtime
 

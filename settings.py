@@ -6,6 +6,7 @@ message naming the variable, instead of surfacing later as a confusing runtime e
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -16,13 +17,16 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+# Go's longest time.Duration (2**63-1 ns, about 292 years): Ollama's "forever"; anything longer is the same.
+MAX_DURATION_SECONDS = (2**63 - 1) / 1e9
 
 
 def parse_duration(value: str | int | float) -> float | None:
     """Parse an Ollama/Go-style keep-alive duration into seconds.
 
     Accepts numbers (seconds) and Go durations such as "5m", "1h30m", "250ms". A negative value
-    means "forever" and is returned as None.
+    means "forever" and is returned as None, as is one longer than Go's longest duration (which is
+    how Ollama spells forever). NaN and infinities are refused.
     """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
@@ -37,7 +41,9 @@ def parse_duration(value: str | int | float) -> float | None:
             if not body or "".join(n + u for n, u in parts) != body:
                 raise ValueError(f"invalid duration {value!r}: use seconds or e.g. '5m', '1h', '30s'")
             seconds = sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-    return None if seconds < 0 else seconds
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {value!r}: must be a finite number of seconds")
+    return None if seconds < 0 or seconds >= MAX_DURATION_SECONDS else seconds
 
 
 def _split_mapping(value: object) -> dict[str, str]:
@@ -95,8 +101,9 @@ class Settings(BaseSettings):
         None, ge=0, description="GPUs the service asks BentoCloud for (0: a CPU instance); default TENSOR_PARALLEL_SIZE"
     )
     gpu_type: str | None = Field(None, description="BentoCloud GPU type, e.g. nvidia-l4; None = any")
+    max_request_bytes: int = Field(16 * 2**20, ge=1, description="largest request body; larger ones get 413")
 
-    @field_validator("model_q4_threshold_bytes", "model_memory_budget_bytes", mode="before")
+    @field_validator("model_q4_threshold_bytes", "model_memory_budget_bytes", "max_request_bytes", mode="before")
     @classmethod
     def _bytes_allow_float_notation(cls, value: object) -> object:
         # "14e9" is how the original README writes the threshold.
@@ -156,6 +163,7 @@ class Settings(BaseSettings):
             "pull_lease_seconds": self.pull_lease_seconds,
             "job_retention_seconds": self.job_retention,
             "tensor_parallel_size": self.tensor_parallel_size,
+            "max_request_bytes": self.max_request_bytes,
         }
 
 

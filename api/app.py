@@ -6,12 +6,14 @@ from fastapi import FastAPI
 
 from api import jobs, native, ollama, openai, system
 from api.auth import ApiKeyMiddleware
+from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
 from api.request_metrics import RequestMetricsMiddleware
 
 
 def create_app() -> FastAPI:
     app = FastAPI(title="ai-server", docs_url="/docs", openapi_url="/openapi.json")
+    app.add_middleware(BodyLimitMiddleware)  # inside the key check: strangers are refused before any upload
     app.add_middleware(ApiKeyMiddleware)
     app.add_middleware(RequestMetricsMiddleware)  # added last: outermost, so refused requests count too
     install_error_handlers(app)

@@ -25,9 +25,16 @@ class ApiKeyMiddleware:
             request = Request(scope)
             keys: list[str] = scope["app"].state.runtime.settings.api_keys
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if keys and (scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in keys)):
+            if keys and (scheme.lower() != "bearer" or not _known(token, keys)):
                 response = error_response(request, 401, "missing or invalid API key (Authorization: Bearer <key>)",
                                           error_type="authentication_error")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _known(token: str, keys: list[str]) -> bool:
+    """Constant-time comparison of bytes: compare_digest refuses str with non-ASCII characters, and
+    a header may carry any byte (Starlette decodes headers as latin-1, which this undoes)."""
+    presented = token.encode("latin-1")
+    return any(hmac.compare_digest(presented, key.encode()) for key in keys)

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from errors import ServerError
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 503: "server_error"}
+                 404: "not_found_error", 413: "invalid_request_error", 503: "server_error"}
 
 
 def openai_error(message: str, error_type: str, param: str | None = None) -> dict:

@@ -8,12 +8,13 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
 from api.deps import get_runtime
+from api.strict_json import StrictJSONRoute
 from errors import NotFound
 from runners.names import parse_model_name
 from runners.quantization import QuantizeRequest
 from runtime import Runtime
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], route_class=StrictJSONRoute)
 
 
 class PullRequest(BaseModel):

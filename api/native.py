@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import get_runtime
 from api.ollama import ChatPieces, final_stats
@@ -15,13 +15,14 @@ from api.ollama_schemas import Message as OllamaMessage
 from api.ollama_schemas import Think, thinking_switches
 from api.tool_schemas import ToolChoiceParam, ToolParam, tool_choice_value, tool_dicts
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
+from api.strict_json import StrictJSONRoute
 from jobs.models import iso_utc
 from runners.base import GenerationRequest, OutputDelta, SamplingOptions
 from runners.generation import Generation, start_generation
 from runners.local_cache import list_local
 from runtime import Runtime
 
-router = APIRouter(tags=["native"])
+router = APIRouter(tags=["native"], route_class=StrictJSONRoute)
 
 
 class Message(OllamaMessage):
@@ -29,6 +30,8 @@ class Message(OllamaMessage):
 
 
 class ChatRequest(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     model: str
     messages: list[Message] = Field(min_length=1)
     max_tokens: int = Field(512, ge=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
@@ -24,6 +25,7 @@ from api.ollama_schemas import (
     thinking_switches,
 )
 from api.streaming import NDJSON_MEDIA_TYPE, started_stream, stream_generation
+from api.strict_json import StrictJSONRoute
 from errors import InvalidRequest, ModelNotFound
 from jobs.models import iso_utc
 from runners.base import GenerationRequest, OutputDelta, ToolCall, ToolCallDelta
@@ -36,7 +38,7 @@ from runners.output_parsing import choose_parsers, merge_tool_calls
 from runners.pool import KeepAlive, LoadedModel
 from runtime import Runtime
 
-router = APIRouter(tags=["ollama"])
+router = APIRouter(tags=["ollama"], route_class=StrictJSONRoute)
 
 # The Ollama API level this dialect follows; clients gate features on it.
 OLLAMA_API_VERSION = "0.12.6"
@@ -61,8 +63,9 @@ def _now() -> str:
     return iso_utc(datetime.now(timezone.utc))
 
 
-def _local_or_404(name: str) -> LocalModel:
-    local = find_local(parse_model_name(name))
+async def _local_or_404(name: str) -> LocalModel:
+    """The complete local snapshot of `name`; it reads the cache, so in a thread, off the event loop."""
+    local = await asyncio.to_thread(find_local, parse_model_name(name))
     if local is None:
         raise ModelNotFound(f"model '{name}' not found, try pulling it first", param="model")
     return local
@@ -220,7 +223,7 @@ def _line(payload: dict[str, Any]) -> str:
 
 async def _load_or_unload(runtime: Runtime, model: str, keep_alive: KeepAlive, empty: dict) -> JSONResponse:
     """Ollama's convention: no prompt loads the model; no prompt with keep_alive 0 unloads it."""
-    _local_or_404(model)
+    await _local_or_404(model)
     if keep_alive == 0:
         await runtime.pool.unload(model)
         reason = "unload"
@@ -279,7 +282,7 @@ async def tags() -> dict[str, Any]:
 
 @router.post("/api/show")
 async def show(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
-    local = _local_or_404(body.model)
+    local = await _local_or_404(body.model)
     info = await asyncio.to_thread(describe, local)
     parsers = choose_parsers(local.ref.repo_id, info, runtime.settings)
     generation_config = local.path / "generation_config.json"
@@ -332,7 +335,7 @@ def _running_entry(entry: LoadedModel) -> dict[str, Any]:
 
 @router.delete("/api/delete")
 async def delete(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Response:
-    local = _local_or_404(body.model)
+    local = await _local_or_404(body.model)
     await runtime.pool.unload(local.ref.name)
     await asyncio.to_thread(delete_model, local.ref)
     return Response(status_code=200)
@@ -340,7 +343,7 @@ async def delete(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> R
 
 @router.post("/api/copy")
 async def copy(body: CopyRequest) -> Response:
-    source = _local_or_404(body.source)
+    source = await _local_or_404(body.source)
     destination = parse_model_name(body.destination)
     await asyncio.to_thread(copy_model, source, destination)
     return Response(status_code=200)
@@ -356,7 +359,8 @@ async def pull(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Res
         while (job := await runtime.jobs.get(job.id)).status in ("queued", "running"):
             await asyncio.sleep(_PULL_POLL_SECONDS)
         if job.status != "succeeded":
-            return JSONResponse({"error": job.error or f"pull {job.status}"}, status_code=500)
+            error = job.error or f"pull {job.status}"
+            return JSONResponse({"error": error}, status_code=_pull_failure_status(error))
         return JSONResponse({"status": "success"})
 
     async def progress() -> AsyncIterator[str]:
@@ -378,6 +382,18 @@ async def pull(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Res
             yield _line({"error": current.error or f"pull {current.status}"})
 
     return StreamingResponse(progress(), media_type=NDJSON_MEDIA_TYPE)
+
+
+def _pull_failure_status(error: str) -> int:
+    """Ollama answers a failed pull with the registry's reason and, lacking a status, 500
+    (server/routes.go, waitForStream). A model that does not exist or may not be read is the
+    client's to fix, so those are 404 and 403 here; the Hub unreachable or a full disk stay 5xx."""
+    if "was not found" in error:  # jobs.puller.describe_failure's words for a repo or revision
+        return 404
+    if "not authorized" in error or "gated model" in error:
+        return 403
+    hub = re.search(r"answered HTTP (4\d\d)", error)  # any other refusal of the Hub's, passed on
+    return int(hub.group(1)) if hub else 500
 
 
 # -- server --------------------------------------------------------------------------------------

@@ -13,6 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from api.tool_schemas import ToolChoiceParam, ToolParam, tool_choice_value, tool_dicts
 from errors import InvalidRequest
 from runners.base import ResponseFormat, SamplingOptions
+from runners.limits import (
+    PENALTY_MAX,
+    PENALTY_MIN,
+    REPEAT_PENALTY_MAX,
+    REPEAT_PENALTY_MIN,
+    SEED_MAX,
+    SEED_MIN,
+    TOP_K_MAX,
+)
 from runners.pool import DEFAULT, KeepAlive
 from settings import parse_duration
 
@@ -22,20 +31,20 @@ DEFAULT_REPEAT_PENALTY, DEFAULT_REPEAT_LAST_N = 1.1, 64
 
 
 class Options(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=TOP_K_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
     num_predict: int | None = Field(None, ge=-2)  # -1: no limit, -2: fill the context
     num_ctx: int | None = Field(None, ge=1)  # a smaller context than the model's (longer chats are fitted)
     stop: list[str] | None = None
-    seed: int | None = None
-    repeat_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    repeat_penalty: float | None = Field(None, ge=REPEAT_PENALTY_MIN, le=REPEAT_PENALTY_MAX)
     repeat_last_n: int | None = Field(None, ge=-1)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=PENALTY_MIN, le=PENALTY_MAX)
+    frequency_penalty: float | None = Field(None, ge=PENALTY_MIN, le=PENALTY_MAX)
     ignore_eos: bool = False  # vLLM's extension, not Ollama's: fixed-length outputs for benchmarks
 
     @field_validator("stop", mode="before")
@@ -64,6 +73,8 @@ class Options(BaseModel):
 
 
 class _ModelRequest(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     model: str
     keep_alive: float | str | None = None
 

@@ -21,17 +21,19 @@ from api.deps import get_runtime
 from api.errors import openai_error
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, GenerationParams
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
-from errors import ModelNotFound, ServerError
+from api.strict_json import StrictJSONRoute
+from errors import InvalidRequest, ModelNotFound, ServerError
 from runners import structured
 from runners.base import GenerationRequest, OutputDelta, ResponseFormat, SamplingOptions, TokenLogprob, ToolCallDelta
 from runners.embedding import embed
 from runners.generation import Completion, Generation, GenerationGroup, GenerationStats, start_generations
+from runners.limits import SEED_MIN
 from runners.output_parsing import finish_reason
 from runners.local_cache import LocalModel, find_local, list_local
 from runners.names import parse_model_name
 from runtime import Runtime
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJSONRoute)
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 
@@ -213,7 +215,7 @@ def _sampling(body: GenerationParams, max_tokens: int | None, sample: int) -> Sa
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=max(body.top_k or 0, 0),
         min_p=body.min_p or 0.0,
-        seed=None if body.seed is None else body.seed + sample,
+        seed=None if body.seed is None else _wrap_seed(body.seed + sample),
         stop=body.stops(),
         repeat_penalty=body.repetition_penalty or 1.0,
         presence_penalty=body.presence_penalty or 0.0,
@@ -222,10 +224,20 @@ def _sampling(body: GenerationParams, max_tokens: int | None, sample: int) -> Sa
     )
 
 
+def _wrap_seed(seed: int) -> int:
+    """seed + i past the largest seed wraps around, staying a 64-bit seed."""
+    return (seed - SEED_MIN) % 2**64 + SEED_MIN
+
+
 async def _complete(
     runtime: Runtime, body: GenerationParams, bases: list[GenerationRequest], max_tokens: int | None, shape: _Shape
 ) -> Any:
     """Run n samples of every prompt (choice index = prompt * n + sample) and answer in `shape`."""
+    most = runtime.settings.max_batch_size + runtime.settings.max_queue
+    if len(bases) * body.n > most:  # could never run: not "busy" (503) but a request to change (400)
+        raise InvalidRequest(
+            f"{len(bases) * body.n} sequences (n={body.n} per prompt) is more than this server ever runs for one "
+            f"model at once ({most}: MAX_BATCH_SIZE + MAX_QUEUE)", param="n")
     response_format = await _response_format(body)
     requests = [
         dataclasses.replace(base, options=_sampling(body, max_tokens, sample), response_format=response_format)

@@ -12,7 +12,17 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from runners.limits import (
+    PENALTY_MAX,
+    PENALTY_MIN,
+    REPEAT_PENALTY_MAX,
+    REPEAT_PENALTY_MIN,
+    SEED_MAX,
+    SEED_MIN,
+    TOP_K_MAX,
+)
 
 from api.tool_schemas import (
     FunctionDefinition,
@@ -52,15 +62,17 @@ class ResponseFormatParam(BaseModel):
 class GenerationParams(BaseModel):
     """What chat and text completions share: the model, sampling, streaming, output format."""
 
+    model_config = ConfigDict(allow_inf_nan=False)
+
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    presence_penalty: float | None = Field(None, ge=PENALTY_MIN, le=PENALTY_MAX)
+    frequency_penalty: float | None = Field(None, ge=PENALTY_MIN, le=PENALTY_MAX)
     response_format: ResponseFormatParam | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -70,9 +82,9 @@ class GenerationParams(BaseModel):
     service_tier: str | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM's extensions
-    top_k: int | None = Field(None, ge=-1)  # 0 or -1 disables
+    top_k: int | None = Field(None, ge=-1, le=TOP_K_MAX)  # 0 or -1 disables
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    repetition_penalty: float | None = Field(None, ge=REPEAT_PENALTY_MIN, le=REPEAT_PENALTY_MAX)
     ignore_eos: bool = False
 
     @field_validator("logit_bias", "audio", "echo", "suffix", check_fields=False)

@@ -151,7 +151,7 @@ class KVBatch:
                     past_key_values=self.cache, use_cache=True)
         self.positions += 1
         logits = out.logits[:, -1]
-        done = [row.advance(logits[i]) for i, row in enumerate(self.rows)]
+        done = [_advance_or_fail(row, logits[i]) for i, row in enumerate(self.rows)]
         self.keep([i for i, finished in enumerate(done) if not finished])
 
     def keep(self, indices: list[int]) -> None:
@@ -179,6 +179,16 @@ class KVBatch:
             layer.keys = torch.cat([layer.keys.new_zeros(b, h, pad, d), layer.keys], dim=2)
             layer.values = torch.cat([layer.values.new_zeros(b, h, pad, layer.values.shape[-1]), layer.values], dim=2)
         self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], pad), self.mask], dim=1)
+
+
+def _advance_or_fail(row: Sequence, logits: torch.Tensor) -> bool:
+    """A row whose own step fails (its grammar, its sampling settings) ends with that error and
+    leaves the batch; the other rows keep decoding. True when the row is done either way."""
+    try:
+        return row.advance(logits)
+    except Exception as exc:  # noqa: BLE001 - delivered to the one request it ends
+        row.fail(exc)
+        return True
 
 
 def _device_of(cache: Any) -> torch.device:

@@ -155,15 +155,16 @@ class GenerationGroup:
 
     async def stream(self) -> AsyncIterator[tuple[int, OutputDelta]]:
         """Parsed pieces in arrival order; each generation's own pieces stay in order."""
-        queue: asyncio.Queue[tuple[int, OutputDelta | Exception | None]] = asyncio.Queue()
+        # Bounded: a slow reader holds the pumps back, and the engines merge what waits for them.
+        queue: asyncio.Queue[tuple[int, OutputDelta | Exception | None]] = asyncio.Queue(maxsize=len(self.generations))
 
         async def pump(index: int, generation: Generation) -> None:
             try:
                 async for chunk in generation.stream():
-                    queue.put_nowait((index, chunk))
+                    await queue.put((index, chunk))
             except Exception as exc:  # noqa: BLE001 - re-raised by the consumer below
-                queue.put_nowait((index, exc))
-            queue.put_nowait((index, None))
+                await queue.put((index, exc))
+            await queue.put((index, None))
 
         self._pumps = [asyncio.create_task(pump(i, g), name=f"generation-{i}") for i, g in enumerate(self.generations)]
         try:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from errors import InvalidRequest
 from runners.names import ModelRef
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -135,15 +136,28 @@ def pull_marker(repo_id: str) -> Iterator[None]:
 def copy_model(source: LocalModel, destination: ModelRef) -> LocalModel:
     """Make `destination` a second name for `source` (Ollama's copy) without duplicating weights.
 
-    The alias is an ordinary cache repo whose snapshot is a link to the source's snapshot, so
-    every lookup (and transformers itself) sees a normal, complete model.
+    The alias is an ordinary cache repo whose snapshot is a link to the source's real snapshot, so
+    every lookup (and transformers itself) sees a normal, complete model. Another tag of the same
+    repo needs no link, only a ref. Real files are never deleted: a copy onto the model itself (or
+    an alias back onto its source) is refused, and so is a destination whose own folder for that
+    revision holds other files. A destination that named another model is re-pointed, its files
+    left in place (delete it first to free them).
     """
+    real = source.path.resolve()
+    current = find_local(destination)
+    if current is not None and current.path.resolve() == real:
+        raise InvalidRequest(f"'{destination.name}' already is '{source.ref.name}' (the same files): nothing to copy",
+                             param="destination")
     root = repo_dir(destination.repo_id)
     snapshot = root / "snapshots" / source.commit
     snapshot.parent.mkdir(parents=True, exist_ok=True)
-    if snapshot.is_symlink() or snapshot.exists():
-        _remove_path(snapshot)
-    snapshot.symlink_to(source.path.resolve(), target_is_directory=True)
+    if snapshot.is_symlink() and snapshot.resolve() != real:
+        snapshot.unlink()  # a link of an older copy: only the link goes
+    if not snapshot.is_symlink() and not snapshot.exists():
+        snapshot.symlink_to(real, target_is_directory=True)
+    elif snapshot.resolve() != real:
+        raise InvalidRequest(f"'{destination.repo_id}' holds its own files for revision {source.commit}; "
+                             "delete it before copying onto it", param="destination")
     ref_file = root / "refs" / (destination.revision or "main")
     ref_file.parent.mkdir(parents=True, exist_ok=True)
     ref_file.write_text(source.commit)
@@ -154,15 +168,24 @@ def copy_model(source: LocalModel, destination: ModelRef) -> LocalModel:
 
 def delete_model(ref: ModelRef) -> bool:
     """Remove one revision of a model from the cache: its ref, its snapshot unless another ref
-    still uses it, and blobs no snapshot links to any more. False if it was not there."""
+    still uses it, and blobs no snapshot links to any more. False if it was not there.
+
+    A snapshot that copies (`copy_model` aliases in other repos) link to is not removed from under
+    them: InvalidRequest names the copies to delete first."""
     root = repo_dir(ref.repo_id)
     ref_file = root / "refs" / (ref.revision or "main")
     if not ref_file.is_file():
         return False
     commit = ref_file.read_text().strip()
-    ref_file.unlink()
     refs = root / "refs"
-    remaining = {p.read_text().strip() for p in refs.rglob("*") if p.is_file()} if refs.is_dir() else set()
+    other_refs = [p for p in refs.rglob("*") if p.is_file() and p != ref_file] if refs.is_dir() else []
+    others = {p.read_text().strip() for p in other_refs}
+    snapshot = root / "snapshots" / commit
+    if commit not in others and not snapshot.is_symlink() and (copies := aliases_of(snapshot)):
+        raise InvalidRequest(f"'{ref.name}' has copies that use its files ({', '.join(copies)}); delete them first",
+                             param="model")
+    ref_file.unlink()
+    remaining = others
     if commit not in remaining and _COMMIT.fullmatch(commit):
         _remove_path(root / "snapshots" / commit)
     if not remaining:
@@ -170,6 +193,24 @@ def delete_model(ref: ModelRef) -> bool:
         return True
     _remove_orphan_blobs(root)
     return True
+
+
+def aliases_of(snapshot: Path) -> list[str]:
+    """Names of the copies (`copy_model` aliases in other repos) whose snapshots link to `snapshot`."""
+    if not snapshot.is_dir():
+        return []
+    real = snapshot.resolve()
+    found = []
+    for link in hub_cache_dir().glob("models--*/snapshots/*"):
+        if link.is_symlink() and link.resolve() == real:
+            alias_root = link.parents[1]
+            repo_id = alias_root.name.removeprefix("models--").replace("--", "/")
+            refs = alias_root / "refs"
+            for ref_file in sorted(p for p in refs.rglob("*") if p.is_file()) if refs.is_dir() else []:
+                if ref_file.read_text().strip() == link.name:
+                    name = ref_file.relative_to(refs).as_posix()
+                    found.append(ModelRef(repo_id, None if name == "main" else name).name)
+    return found
 
 
 def _remove_orphan_blobs(root: Path) -> None:

@@ -168,7 +168,7 @@ class ModelPool:
 
     # -- loading ---------------------------------------------------------------------------
     async def _load_shared(self, ref: ModelRef, quantize: QuantizeRequest) -> LoadedModel:
-        local = find_local(ref)
+        local = await asyncio.to_thread(find_local, ref)  # reads the cache: off the event loop
         if local is None:
             raise ModelNotFound(
                 f"model '{ref.name}' is not pulled; pull it first (POST /pull or /api/pull with "
@@ -302,7 +302,10 @@ class ModelPool:
             now = time.time()
             for entry in [e for e in self._loaded.values() if e.active == 0 and e.expires_at and e.expires_at <= now]:
                 log.info("keep-alive of %s expired", entry.name)
-                await self._evict(entry.name)
+                try:
+                    await self._evict(entry.name)
+                except Exception:  # one failed unload must not stop every later expiry
+                    log.exception("unloading %s failed; it is no longer served", entry.name)
 
 
 def _estimate_bytes(local: LocalModel, mode: str, config: dict) -> int:

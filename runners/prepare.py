@@ -11,6 +11,7 @@ from typing import Any
 
 from errors import InvalidRequest
 from runners.base import GenerationRequest, PreparedPrompt
+from runners.limits import fit_prompt, longest_token_chars
 from runners.model_info import FIM_TOKENS
 
 
@@ -21,9 +22,14 @@ def prepare_prompt(tokenizer: Any, request: GenerationRequest, context_length: i
     turns dropped, system messages and the last message kept), else refused with a 400 as vLLM does.
     """
     context = min(context_length, request.context_limit or context_length)
-    ids = _tokenize(tokenizer, text := render_prompt(tokenizer, request))
-    if len(ids) + 1 > context and request.fit_context and request.messages and _has_template(tokenizer):
+    text = render_prompt(tokenizer, request)
+    ids = _tokenize_within(tokenizer, text, context)
+    too_long = ids is None or len(ids) + 1 > context
+    if too_long and request.fit_context and request.messages and _has_template(tokenizer):
         text, ids = _fit_messages(tokenizer, request, context)
+    if ids is None:
+        fit_prompt(tokenizer, text, context)  # raises: longer in characters than the context can hold
+        raise AssertionError("unreachable")
     if len(ids) + 1 > context:
         raise InvalidRequest(f"input is {len(ids)} tokens; the model's context is {context} tokens", param="messages")
     room = context - len(ids)
@@ -69,9 +75,13 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, Any]], request: Gen
         raise InvalidRequest(f"the model's chat template refused the conversation: {exc}", param="messages") from exc
 
 
-def _tokenize(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of the rendered prompt (its special tokens are already in the text). An empty
-    prompt still needs a token to start from: BOS, else EOS (a token id of 0 is a real token)."""
+def _tokenize_within(tokenizer: Any, text: str, context: int) -> list[int] | None:
+    """Token ids of the rendered prompt (its special tokens are already in the text), or None
+    without tokenizing when the text has more characters than `context` tokens can hold (a huge
+    prompt would cost memory and minutes to tokenize). An empty prompt still needs a token to
+    start from: BOS, else EOS (a token id of 0 is a real token)."""
+    if len(text) > context * longest_token_chars(tokenizer):
+        return None
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -79,7 +89,7 @@ def _tokenize(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
-def _fit_messages(tokenizer: Any, request: GenerationRequest, context: int) -> tuple[str, list[int]]:
+def _fit_messages(tokenizer: Any, request: GenerationRequest, context: int) -> tuple[str, list[int] | None]:
     """Ollama's rule (server/prompt.go): drop the oldest non-system messages until the prompt fits
     with room to answer; system messages and the last message always stay. Returns the prompt that
     keeps the most history; if even the last message alone does not fit, that (too long) prompt."""
@@ -88,14 +98,14 @@ def _fit_messages(tokenizer: Any, request: GenerationRequest, context: int) -> t
     systems = [i for i, m in enumerate(messages) if m.get("role") == "system"]
     movable = [i for i in range(len(messages) - 1) if i not in systems]
 
-    def attempt(dropped: int) -> tuple[str, list[int]]:
+    def attempt(dropped: int) -> tuple[str, list[int] | None]:
         gone = set(movable[:dropped])
         kept = [m for i, m in enumerate(messages) if i not in gone]
         text = render_prompt(tokenizer, request, kept)
-        return text, _tokenize(tokenizer, text)
+        return text, _tokenize_within(tokenizer, text, context)
 
-    def fits(prompt: tuple[str, list[int]]) -> bool:
-        return len(prompt[1]) + room <= context
+    def fits(prompt: tuple[str, list[int] | None]) -> bool:
+        return prompt[1] is not None and len(prompt[1]) + room <= context
 
     # The fewest dropped messages that fit (the prompt shrinks as more go): a binary search.
     low, high = 1, len(movable)

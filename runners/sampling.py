@@ -11,6 +11,9 @@ import torch
 
 from runners.base import SamplingOptions
 
+# Temperatures below this are greedy (as vLLM's _SAMPLING_EPS): dividing by a tinier one overflows.
+GREEDY_BELOW = 1e-5
+
 
 def make_generator(options: SamplingOptions, device: str) -> torch.Generator:
     """A private RNG per request: a seed reproduces its output whatever else runs concurrently."""
@@ -46,7 +49,7 @@ def next_token(
         ids = torch.tensor(list(counts), device=logits.device)
         freq = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
         logits[ids] -= options.presence_penalty + options.frequency_penalty * freq
-    if options.temperature <= 0:
+    if options.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = logits / options.temperature
     if options.top_k > 0 and options.top_k < logits.numel():
@@ -59,6 +62,7 @@ def next_token(
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= options.top_p
+        drop[0] = False  # a top_p below float32's smallest number compares as 0 and would drop it too
         probs = probs.clone()
         probs[order[drop]] = 0.0
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

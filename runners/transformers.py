@@ -16,6 +16,8 @@ import torch
 from errors import InvalidRequest
 from runners.base import Chunk, PreparedPrompt, Runner
 from runners.batching import BatchScheduler, Emit, Sequence
+from runners.collector import ChunkCollector
+from runners.limits import fit_prompt
 from runners.local_cache import LocalModel
 from runners.quantization import Precision
 from runners.structured import GrammarCache
@@ -78,20 +80,14 @@ class TransformersRunner(Runner):
         return runner
 
     async def generate(self, prepared: PreparedPrompt) -> AsyncIterator[Chunk]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
-
-        def emit(item: Chunk | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        output = ChunkCollector()  # bounded: chunks a slow reader has not taken merge into one
 
         # Compiling a grammar happens here, so its errors reach this request only.
-        sequence = await asyncio.to_thread(self._sequence, prepared, emit)
+        sequence = await asyncio.to_thread(self._sequence, prepared, output.put)
         self._scheduler.submit(sequence)
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+                item = await output.get()
                 yield item
                 if item.finish_reason is not None:
                     return
@@ -112,6 +108,7 @@ class TransformersRunner(Runner):
     def _encode(self, text: str, *, special_tokens: bool, reserve: int, truncate: bool = False) -> list[int]:
         """Token ids of one input, cut to fit (`truncate`) or refused (400) unless `reserve` more
         tokens fit in the context."""
+        text = fit_prompt(self.tokenizer, text, self.context_length, truncate=truncate)
         ids: list[int] = self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
         if not ids:
             ids = [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id or 0]

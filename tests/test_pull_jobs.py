@@ -7,7 +7,6 @@ LocalHub's throttle makes a download slow enough to watch, queue behind, or kill
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
@@ -18,7 +17,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from jobs.puller import describe_failure, ensure_free_space

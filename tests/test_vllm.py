@@ -147,6 +147,10 @@ class TestBackendVllm:
         assert entry["quantization"] == expected
         assert str(running_engine().model_config.dtype) == {"bf16": "torch.bfloat16", "fp32": "torch.float32"}[expected]
 
+    def test_a_prompt_no_tokenization_could_fit_is_refused_before_tokenizing(self, url: str) -> None:
+        r = httpx.post(f"{url}/v1/completions", json={"model": SMALL, "prompt": "b" * 2_000_000}, timeout=120)
+        assert r.status_code == 400 and "characters" in r.json()["error"]["message"]
+
     def test_generate_streams_deltas_as_produced(self, url: str) -> None:
         body = {"model": SMALL, "prompt": "tell me a story", "options": {"num_predict": 24, "temperature": 0}}
         with httpx.stream("POST", f"{url}/api/generate", json=body, timeout=120) as r:
