@@ -51,10 +51,14 @@ def test_ollama_drops_the_oldest_turns_and_keeps_system_and_last(client, tiny_ll
 
 
 def test_the_last_message_alone_too_long_is_a_400(client) -> None:
+    long = "the sea " * 60  # ~120 tokens: fits the characters bound, not the room to answer
+    r = client.post("/api/chat", json={"model": TINY_LLAMA, "stream": False, "options": {"num_ctx": NUM_CTX},
+                                       "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": long}]})
+    assert r.status_code == 400 and f"context is {NUM_CTX} tokens" in r.json()["error"]
     huge = "the sea " * 400
     r = client.post("/api/chat", json={"model": TINY_LLAMA, "stream": False, "options": {"num_ctx": NUM_CTX},
                                        "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": huge}]})
-    assert r.status_code == 400 and f"context is {NUM_CTX} tokens" in r.json()["error"]
+    assert r.status_code == 400 and f"context of {NUM_CTX} tokens" in r.json()["error"]  # refused by length
 
 
 def test_openai_refuses_a_chat_longer_than_the_context(client) -> None:
