@@ -45,7 +45,7 @@ class ChatRequest(BaseModel):
 async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Any:
     tool_choice = OllamaChat(model=body.model, tools=body.tools, tool_choice=body.tool_choice).tool_choice_value()
     request = GenerationRequest(
-        messages=[m.for_template() for m in body.messages],
+        messages=[m.for_template(i) for i, m in enumerate(body.messages)],
         options=SamplingOptions(max_tokens=body.max_tokens, temperature=body.temperature),
         tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
         tool_choice=tool_choice,

@@ -45,6 +45,7 @@ class Sequence:
         self.request = request
         self.options = request.options
         self.prompt_ids = prepared.token_ids
+        self.model_inputs = prepared.model_inputs  # images' pixel inputs: for the prefill only
         self.budget = prepared.max_new_tokens
         self.cancelled = threading.Event()
         self._tokenizer = tokenizer
@@ -269,7 +270,7 @@ class BatchScheduler:
             sequence.cancel_now()
             return
         ids = torch.tensor([sequence.prompt_ids], device=self._model.device)
-        out = self._model(input_ids=ids, use_cache=True)
+        out = self._model(input_ids=ids, use_cache=True, **self._prefill_inputs(sequence))
         if sequence.advance(out.logits[0, -1]):
             return
         batch = KVBatch(sequence, out.past_key_values)
@@ -278,6 +279,14 @@ class BatchScheduler:
             shared.absorb(batch)
         else:
             self._batches.append(batch)
+
+    def _prefill_inputs(self, sequence: Sequence) -> dict[str, Any]:
+        """A vision prompt's pixel inputs on the model's device (floats in its dtype), handed over
+        once: after the prefill the images live in the KV cache and decoding is text only."""
+        inputs, sequence.model_inputs = sequence.model_inputs, {}
+        device, dtype = self._model.device, self._model.dtype
+        return {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+                for k, v in inputs.items()}
 
     def _drop_cancelled(self) -> None:
         for batch in self._batches:

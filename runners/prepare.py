@@ -11,24 +11,56 @@ from typing import Any
 
 from errors import InvalidRequest
 from runners.base import GenerationRequest, PreparedPrompt
+from runners.images import image_parts
 from runners.model_info import FIM_TOKENS
 
 
-def prepare_prompt(tokenizer: Any, request: GenerationRequest, context_length: int) -> PreparedPrompt:
+def prepare_prompt(tokenizer: Any, request: GenerationRequest, context_length: int,
+                   processor: Any = None) -> PreparedPrompt:
     """The prompt the engine decodes from, with at least one token of room to answer.
 
     A chat longer than the context is fitted Ollama's way when `request.fit_context` is set (oldest
     turns dropped, system messages and the last message kept), else refused with a 400 as vLLM does.
+    Images (decoded already, runners/images.py) go through the model's `processor`, which expands
+    each placeholder the template wrote into the image's tokens: they count toward the context.
     """
+    if image_parts(request.messages):
+        _check_can_see(tokenizer, request, processor)
     context = min(context_length, request.context_limit or context_length)
-    ids = _tokenize(tokenizer, text := render_prompt(tokenizer, request))
+    text = render_prompt(tokenizer, request)
+    ids, model_inputs = _encode(tokenizer, processor, text, request.messages)
     if len(ids) + 1 > context and request.fit_context and request.messages and _has_template(tokenizer):
-        text, ids = _fit_messages(tokenizer, request, context)
+        text, ids, model_inputs = _fit_messages(tokenizer, processor, request, context)
     if len(ids) + 1 > context:
         raise InvalidRequest(f"input is {len(ids)} tokens; the model's context is {context} tokens", param="messages")
     room = context - len(ids)
     max_tokens = request.options.max_tokens
-    return PreparedPrompt(request, text, ids, room if max_tokens is None else min(max_tokens, room))
+    return PreparedPrompt(request, text, ids, room if max_tokens is None else min(max_tokens, room),
+                          model_inputs=model_inputs)
+
+
+def _check_can_see(tokenizer: Any, request: GenerationRequest, processor: Any) -> None:
+    if processor is None:
+        raise InvalidRequest("this model cannot see images (it is a text-only model): send text only, "
+                             "or use a vision model", param="messages")
+    if not _has_template(tokenizer) or request.suffix is not None:
+        raise InvalidRequest("images need the model's chat template to place them; this request or model "
+                             "has none", param="messages")
+
+
+def _encode(tokenizer: Any, processor: Any, text: str,
+            messages: list[dict[str, Any]] | None) -> tuple[list[int], dict[str, Any]]:
+    """Token ids of `text`, and the processor's other model inputs (pixel_values, ...) when
+    `messages` carry images: the processor replaces each image placeholder by the image's tokens."""
+    images = [part["image"] for part in image_parts(messages)]
+    if not images or processor is None:
+        return _tokenize(tokenizer, text), {}
+    try:
+        encoded = processor(text=text, images=images, add_special_tokens=False, return_tensors="pt")
+    except ValueError as exc:  # e.g. placeholders and images that do not pair up
+        raise InvalidRequest(f"the model's processor refused the images: {exc}", param="messages") from exc
+    ids: list[int] = encoded["input_ids"][0].tolist()
+    return ids, {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}
 
 
 def render_prompt(tokenizer: Any, request: GenerationRequest, messages: list[dict[str, Any]] | None = None) -> str:
@@ -79,7 +111,8 @@ def _tokenize(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
-def _fit_messages(tokenizer: Any, request: GenerationRequest, context: int) -> tuple[str, list[int]]:
+def _fit_messages(tokenizer: Any, processor: Any, request: GenerationRequest,
+                  context: int) -> tuple[str, list[int], dict[str, Any]]:
     """Ollama's rule (server/prompt.go): drop the oldest non-system messages until the prompt fits
     with room to answer; system messages and the last message always stay. Returns the prompt that
     keeps the most history; if even the last message alone does not fit, that (too long) prompt."""
@@ -88,13 +121,13 @@ def _fit_messages(tokenizer: Any, request: GenerationRequest, context: int) -> t
     systems = [i for i, m in enumerate(messages) if m.get("role") == "system"]
     movable = [i for i in range(len(messages) - 1) if i not in systems]
 
-    def attempt(dropped: int) -> tuple[str, list[int]]:
+    def attempt(dropped: int) -> tuple[str, list[int], dict[str, Any]]:
         gone = set(movable[:dropped])
         kept = [m for i, m in enumerate(messages) if i not in gone]
         text = render_prompt(tokenizer, request, kept)
-        return text, _tokenize(tokenizer, text)
+        return text, *_encode(tokenizer, processor, text, kept)
 
-    def fits(prompt: tuple[str, list[int]]) -> bool:
+    def fits(prompt: tuple[str, list[int], dict[str, Any]]) -> bool:
         return len(prompt[1]) + room <= context
 
     # The fewest dropped messages that fit (the prompt shrinks as more go): a binary search.
