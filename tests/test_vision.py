@@ -165,6 +165,29 @@ def test_same_image_same_answer_other_image_other_input(client: ollama.Client) -
     assert len(set(answers[1:])) > 1
 
 
+def test_ollama_fits_a_long_chat_by_dropping_old_messages_with_their_images(client: ollama.Client) -> None:
+    last = {"role": "user", "content": "and now?", "images": [png((0, 0, 255))]}
+    history = [{"role": "user", "content": "look at these", "images": [png(), png((0, 255, 0)), png((1, 1, 1))]},
+               {"role": "assistant", "content": "three squares"}, last]
+    options = {**GREEDY, "num_ctx": 60}
+    full = client.chat(LLAVA, messages=history, options={**GREEDY})
+    fitted = client.chat(LLAVA, messages=history, options=options)
+    kept = client.chat(LLAVA, messages=history[1:], options=options)  # the fewest dropped that fit
+    assert full.prompt_eval_count > 60 and fitted.prompt_eval_count == kept.prompt_eval_count < 60
+
+
+def test_langchain_chat_ollama_with_an_image_message(server: str) -> None:
+    from langchain_core.messages import HumanMessage
+    from langchain_ollama import ChatOllama
+
+    chat = ChatOllama(model=LLAVA, base_url=server, temperature=0, num_predict=3)
+    image = {"type": "image_url", "image_url": data_url(png())}
+    text = {"type": "text", "text": "what is it?"}
+    seen = chat.invoke([HumanMessage(content=[text, image])])
+    plain = chat.invoke([HumanMessage(content=[text])])
+    assert seen.usage_metadata["input_tokens"] - plain.usage_metadata["input_tokens"] == TOKENS_PER_IMAGE
+
+
 def test_openai_data_urls_in_content_parts(oai: openai.OpenAI) -> None:
     def usage(*urls: str) -> int:
         content = [{"type": "text", "text": "compare"},
