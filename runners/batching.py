@@ -182,6 +182,13 @@ class KVBatch:
         self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], pad), self.mask], dim=1)
 
 
+def _rope_delta(model: Any) -> int:
+    """The offset a multi-axis rotary model (Qwen2-VL's M-RoPE) computed in an image prefill: the
+    decode positions are the text positions plus it, as in transformers' own `generate`. 0 for others."""
+    delta = getattr(getattr(model, "model", None), "rope_deltas", None)
+    return int(delta.flatten()[0]) if torch.is_tensor(delta) else 0
+
+
 def _device_of(cache: Any) -> torch.device:
     layers = getattr(cache, "layers", None)
     return layers[0].keys.device if layers else torch.device("cpu")
@@ -270,10 +277,13 @@ class BatchScheduler:
             sequence.cancel_now()
             return
         ids = torch.tensor([sequence.prompt_ids], device=self._model.device)
-        out = self._model(input_ids=ids, use_cache=True, **self._prefill_inputs(sequence))
+        images = self._prefill_inputs(sequence)
+        out = self._model(input_ids=ids, use_cache=True, **images)
         if sequence.advance(out.logits[0, -1]):
             return
         batch = KVBatch(sequence, out.past_key_values)
+        if images:  # multi-axis rotary models (Qwen2-VL) place the tokens after an image by an offset
+            batch.positions += _rope_delta(self._model)
         shared = next((b for b in self._batches if KVBatch.mergeable(b.cache)), None)
         if shared is not None and KVBatch.mergeable(batch.cache):
             shared.absorb(batch)

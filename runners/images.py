@@ -14,7 +14,6 @@ import base64
 import binascii
 import dataclasses
 import io
-import warnings
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,8 +71,10 @@ def decode_request_images(request: GenerationRequest, settings: Settings) -> Gen
 
 
 def _decode(image: ImageInput, settings: Settings) -> Any:
-    data = _fetch(image, settings) if image.kind == "url" and not image.source.startswith("data:") else \
-        _base64_bytes(image, settings.max_image_bytes)
+    if image.kind == "url" and not image.source.startswith("data:"):
+        data = _fetch(image, settings)
+    else:
+        data = _base64_bytes(image, settings.max_image_bytes)
     return open_image(data, image.where, settings.max_image_pixels)
 
 
@@ -100,21 +101,20 @@ def open_image(data: bytes, where: str, max_pixels: int) -> Any:
         return InvalidRequest(f"{where}: {reason}", param=where)
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = image.size  # from the header: nothing decoded yet
-            if width * height > max_pixels:
-                raise refuse(f"the image is {width}x{height} pixels, over the {max_pixels}-pixel limit "
-                             "(MAX_IMAGE_PIXELS)")
-            image.load()
-            return image.convert("RGB")
+        # Pillow refuses images over twice its own MAX_IMAGE_PIXELS while opening (DecompressionBombError);
+        # ours is checked next, from the header, before any pixel is decoded.
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise refuse(f"the image is {width}x{height} pixels, over the {max_pixels}-pixel limit (MAX_IMAGE_PIXELS)")
+        image.load()
+        return image.convert("RGB")
     except UnidentifiedImageError:
         known = _format_of(data)
         if known:
             raise refuse(f"unsupported image format {known} (use {', '.join(FORMATS)})") from None
         raise refuse(f"not an image (expected {', '.join(FORMATS)})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise refuse(f"the image has too many pixels (a decompression bomb?); the limit is {max_pixels} "
                      "(MAX_IMAGE_PIXELS)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data

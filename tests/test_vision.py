@@ -165,6 +165,32 @@ def test_same_image_same_answer_other_image_other_input(client: ollama.Client) -
     assert len(set(answers[1:])) > 1
 
 
+def test_answer_matches_transformers_generate_on_the_same_images(oai: openai.OpenAI, tiny_llava_dir: Path) -> None:
+    """Greedy decoding through the server (template, processor, pixel inputs in the prefill, the
+    batching scheduler's decode steps) gives the tokens transformers' own `generate` gives."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    images = [png((250, 120, 0)), png((0, 90, 200), size=(30, 60), fmt="JPEG")]
+    content = [{"type": "text", "text": "compare the two"},
+               *({"type": "image_url", "image_url": {"url": data_url(i)}} for i in images)]
+    reply = oai.chat.completions.create(model=LLAVA, messages=[{"role": "user", "content": content}],
+                                        max_tokens=12, temperature=0)
+
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava_dir, dtype=torch.float32).eval()
+    parts = [{"type": "text", "text": "compare the two"}, {"type": "image"}, {"type": "image"}]
+    text = processor.tokenizer.apply_chat_template([{"role": "user", "content": parts}], tokenize=False,
+                                                   add_generation_prompt=True)
+    inputs = processor(text=text, images=[Image.open(io.BytesIO(i)).convert("RGB") for i in images],
+                       add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]
+    assert reply.choices[0].message.content == expected
+
+
 def test_ollama_fits_a_long_chat_by_dropping_old_messages_with_their_images(client: ollama.Client) -> None:
     last = {"role": "user", "content": "and now?", "images": [png((0, 0, 255))]}
     history = [{"role": "user", "content": "look at these", "images": [png(), png((0, 255, 0)), png((1, 1, 1))]},
