@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     )
     gpu_type: str | None = Field(None, description="BentoCloud GPU type, e.g. nvidia-l4; None = any")
     max_request_bytes: int = Field(16 * 2**20, ge=1, description="largest request body; larger ones get 413")
+    # Images in requests (vision models): limits that bound the memory a request can cost.
+    max_image_bytes: int = Field(20_000_000, ge=1, description="encoded size of one image")
+    max_image_pixels: int = Field(25_000_000, ge=1, description="width x height of one image (decompression bombs)")
+    max_images_per_request: int = Field(16, ge=0, description="images in one request")
+    # URL prefixes the server may fetch http(s) images from; empty: data URLs only (no SSRF).
+    image_url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    image_fetch_timeout: float = Field(10.0, gt=0, description="seconds to fetch one allow-listed image")
 
     @field_validator("model_q4_threshold_bytes", "model_memory_budget_bytes", "max_request_bytes", mode="before")
     @classmethod
@@ -124,7 +131,7 @@ class Settings(BaseSettings):
     def _retention_duration(cls, value: object) -> float | None:
         return None if value is None else parse_duration(value)  # type: ignore[arg-type]
 
-    @field_validator("trust_remote_code_models", "api_keys", mode="before")
+    @field_validator("trust_remote_code_models", "api_keys", "image_url_allowlist", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> list[str]:
         return _split_list(value)
@@ -164,6 +171,10 @@ class Settings(BaseSettings):
             "job_retention_seconds": self.job_retention,
             "tensor_parallel_size": self.tensor_parallel_size,
             "max_request_bytes": self.max_request_bytes,
+            "max_image_bytes": self.max_image_bytes,
+            "max_image_pixels": self.max_image_pixels,
+            "max_images_per_request": self.max_images_per_request,
+            "image_url_allowlist": self.image_url_allowlist,
         }
 
 

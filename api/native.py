@@ -47,7 +47,7 @@ class ChatRequest(BaseModel):
 async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Any:
     tools = tool_dicts(body.tools)
     request = GenerationRequest(
-        messages=[m.for_template() for m in body.messages],
+        messages=[m.for_template(i) for i, m in enumerate(body.messages)],
         options=SamplingOptions(max_tokens=body.max_tokens, temperature=body.temperature),
         tools=tools,
         tool_choice=tool_choice_value(body.tool_choice, tools),

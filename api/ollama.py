@@ -31,6 +31,7 @@ from jobs.models import iso_utc
 from runners.base import GenerationRequest, OutputDelta, ToolCall, ToolCallDelta
 from runners.embedding import embed
 from runners.generation import Completion, Generation, GenerationStats, start_generation
+from runners.images import image_part
 from runners.local_cache import LocalModel, copy_model, delete_model, find_local, list_local
 from runners.model_info import ModelInfo, describe
 from runners.names import parse_model_name
@@ -75,13 +76,11 @@ async def _local_or_404(name: str) -> LocalModel:
 
 @router.post("/api/chat")
 async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Response:
-    if any(m.images for m in body.messages):
-        raise InvalidRequest("this model does not support images", param="messages")
     keep_alive = body.keep_alive_seconds()
     if not body.messages:
         return await _load_or_unload(runtime, body.model, keep_alive, {"message": _assistant("")})
     request = GenerationRequest(
-        messages=[m.for_template() for m in body.messages],
+        messages=[m.for_template(i) for i, m in enumerate(body.messages)],
         options=body.options.sampling(),
         response_format=body.response_format(),
         tools=body.tool_list(),
@@ -97,10 +96,11 @@ async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Re
 
 @router.post("/api/generate")
 async def generate(body: GenerateRequest, runtime: Runtime = Depends(get_runtime)) -> Response:
-    if body.images:
-        raise InvalidRequest("this model does not support images", param="images")
+    if body.images and (body.raw or body.suffix is not None):
+        raise InvalidRequest("images need the model's chat template: they cannot go with `raw` or `suffix`",
+                             param="images")
     keep_alive = body.keep_alive_seconds()
-    if not body.prompt and body.suffix is None:
+    if not body.prompt and not body.images and body.suffix is None:
         return await _load_or_unload(runtime, body.model, keep_alive, {"response": ""})
     request = GenerationRequest(options=body.options.sampling(), response_format=body.response_format(),
                                 context_limit=body.options.num_ctx)
@@ -109,7 +109,9 @@ async def generate(body: GenerateRequest, runtime: Runtime = Depends(get_runtime
     else:
         # The chat template when the model has one; the text itself for base models, as Ollama does.
         system = [{"role": "system", "content": body.system}] if body.system else []
-        request.messages = [*system, {"role": "user", "content": body.prompt}]
+        images = [image_part(data, f"images[{i}]") for i, data in enumerate(body.images or [])]
+        user = [*images, {"type": "text", "text": body.prompt}] if images else body.prompt
+        request.messages = [*system, {"role": "user", "content": user}]
         request.prompt = f"{body.system}\n\n{body.prompt}" if body.system else body.prompt
         request.template_kwargs = thinking_switches(body.think)
         request.require_thinking = bool(body.think)

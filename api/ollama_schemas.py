@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from api.tool_schemas import ToolChoiceParam, ToolParam, tool_choice_value, tool_dicts
 from errors import InvalidRequest
+from runners.images import image_part
 from runners.base import ResponseFormat, SamplingOptions
 from runners.limits import (
     PENALTY_MAX,
@@ -122,9 +123,14 @@ class Message(BaseModel):
     tool_name: str | None = None  # a tool result: the tool it answers
     tool_call_id: str | None = None
 
-    def for_template(self) -> dict[str, Any]:
-        """The message as chat templates take it (the same shape the OpenAI dialect produces)."""
+    def for_template(self, index: int = 0) -> dict[str, Any]:
+        """The message as chat templates take it (the same shape the OpenAI dialect produces).
+        With `images`: content parts, the images first (where Ollama puts them), then the text;
+        `index` is the message's place in the request, for naming a bad image."""
         message: dict[str, Any] = {"role": self.role, "content": self.content or ""}
+        if self.images:
+            images = [image_part(data, f"messages[{index}].images[{i}]") for i, data in enumerate(self.images)]
+            message["content"] = [*images, {"type": "text", "text": self.content or ""}]
         if self.tool_name:
             message["name"] = self.tool_name
         if self.tool_call_id:

@@ -180,7 +180,7 @@ _Shape = _ChatShape | _TextShape
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, runtime: Runtime = Depends(get_runtime)) -> Any:
     base = GenerationRequest(
-        messages=[m.for_template() for m in body.messages],
+        messages=[m.for_template(i) for i, m in enumerate(body.messages)],
         logprobs=body.logprob_count(),
         tools=body.tool_list(),
         tool_choice=body.tool_choice_value(),

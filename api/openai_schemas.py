@@ -34,6 +34,8 @@ from api.tool_schemas import (
     tool_dicts,
 )
 
+from runners.images import image_part
+
 MAX_LOGPROBS = 20  # vLLM's default limit
 
 
@@ -105,14 +107,31 @@ class GenerationParams(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-class TextPart(BaseModel):
+class ImageURL(BaseModel):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model's processor decides
+
+    @field_validator("url")
+    @classmethod
+    def _data_or_http(cls, url: str) -> str:
+        if not url.startswith(("data:", "http://", "https://")):
+            raise ValueError("an image URL must be a data URL (data:image/png;base64,...) or an http(s) URL")
+        return url
+
+
+class ContentPart(BaseModel):
+    """A part of a message's content: `text`, or `image_url` (for vision models)."""
+
     type: str
     text: str = ""
+    image_url: ImageURL | None = None
 
     @model_validator(mode="after")
-    def _text_only(self) -> TextPart:
-        if self.type != "text":
-            raise ValueError(f"content parts of type {self.type!r} are not supported; only 'text'")
+    def _known_type(self) -> ContentPart:
+        if self.type not in ("text", "image_url"):
+            raise ValueError(f"content parts of type {self.type!r} are not supported; only 'text' and 'image_url'")
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an 'image_url' part needs `image_url: {url: ...}`")
         return self
 
 
@@ -129,7 +148,7 @@ class ToolCallParam(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None  # None: an assistant turn that only called tools
+    content: str | list[ContentPart] | None = None  # None: an assistant turn that only called tools
     name: str | None = None
     tool_calls: list[ToolCallParam] | None = None  # assistant turns
     tool_call_id: str | None = None  # tool results
@@ -139,13 +158,20 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content if part.type == "text")
 
-    def for_template(self) -> dict[str, Any]:
+    def for_template(self, index: int = 0) -> dict[str, Any]:
         """The message as chat templates take it: developer → system, the legacy `function` role
-        → tool, call arguments as objects (templates serialize them with tojson)."""
+        → tool, call arguments as objects (templates serialize them with tojson). With images, the
+        content stays a list of parts in order (`index`: the message's place, for naming a bad image)."""
         role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
         message: dict[str, Any] = {"role": role, "content": self.text()}
+        if isinstance(self.content, list) and any(part.image_url for part in self.content):
+            message["content"] = [
+                image_part(part.image_url.url, f"messages[{index}].content[{i}]", kind="url") if part.image_url
+                else {"type": "text", "text": part.text}
+                for i, part in enumerate(self.content)
+            ]
         if self.name:
             message["name"] = self.name
         if self.tool_call_id:

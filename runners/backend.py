@@ -14,6 +14,7 @@ from typing import Any, Literal
 from errors import ModelLoadFailed
 from runners.base import Runner
 from runners.local_cache import LocalModel
+from runners.model_info import is_vision_model
 from runners.quantization import Precision
 from settings import Settings
 
@@ -44,8 +45,17 @@ def choose_backend(setting: str, *, device: str, config: dict[str, Any], precisi
     return BackendChoice("transformers", f"{obstacle}: using transformers")
 
 
+# Why vision models run on transformers, on every device: vLLM's CPU build cannot import its
+# vision models (they import torchvision, which cannot load beside CPU torch; shared/DESIGN.md), and
+# this server does not yet hand images to vLLM's multimodal inputs, which only a GPU build could test.
+VISION_OBSTACLE = ("a vision model: images are served by transformers (vLLM's CPU build cannot import its "
+                   "vision models, which need torchvision; vLLM's multimodal inputs are not wired here)")
+
+
 def vllm_obstacle(device: str, config: dict[str, Any], precision: Precision) -> str | None:
     """Why vLLM cannot run this model here, or None when it can."""
+    if is_vision_model(config):
+        return VISION_OBSTACLE
     if not vllm_available():
         return "vLLM is not installed"
     try:

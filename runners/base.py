@@ -84,6 +84,8 @@ class PreparedPrompt:
     token_ids: list[int]
     max_new_tokens: int
     skip_special_tokens: bool = True  # False when the output parser needs marker tokens kept
+    # The processor's inputs besides the token ids (pixel_values, image sizes, ...): images, for the prefill
+    model_inputs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -169,6 +171,7 @@ class Runner(ABC):
         self.device = device
 
     tokenizer: Any
+    processor: Any = None  # a vision model's processor (images → tokens and pixel inputs); None: text only
     context_length: int  # the most tokens (prompt + output) one sequence can hold
 
     @abstractmethod

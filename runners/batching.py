@@ -45,6 +45,7 @@ class Sequence:
         self.request = request
         self.options = request.options
         self.prompt_ids = prepared.token_ids
+        self.model_inputs = prepared.model_inputs  # images' pixel inputs: for the prefill only
         self.budget = prepared.max_new_tokens
         self.cancelled = threading.Event()
         self._tokenizer = tokenizer
@@ -191,6 +192,13 @@ def _advance_or_fail(row: Sequence, logits: torch.Tensor) -> bool:
         return True
 
 
+def _rope_delta(model: Any) -> int:
+    """The offset a multi-axis rotary model (Qwen2-VL's M-RoPE) computed in an image prefill: the
+    decode positions are the text positions plus it, as in transformers' own `generate`. 0 for others."""
+    delta = getattr(getattr(model, "model", None), "rope_deltas", None)
+    return int(delta.flatten()[0]) if torch.is_tensor(delta) else 0
+
+
 def _device_of(cache: Any) -> torch.device:
     layers = getattr(cache, "layers", None)
     return layers[0].keys.device if layers else torch.device("cpu")
@@ -279,15 +287,26 @@ class BatchScheduler:
             sequence.cancel_now()
             return
         ids = torch.tensor([sequence.prompt_ids], device=self._model.device)
-        out = self._model(input_ids=ids, use_cache=True)
+        images = self._prefill_inputs(sequence)
+        out = self._model(input_ids=ids, use_cache=True, **images)
         if sequence.advance(out.logits[0, -1]):
             return
         batch = KVBatch(sequence, out.past_key_values)
+        if images:  # multi-axis rotary models (Qwen2-VL) place the tokens after an image by an offset
+            batch.positions += _rope_delta(self._model)
         shared = next((b for b in self._batches if KVBatch.mergeable(b.cache)), None)
         if shared is not None and KVBatch.mergeable(batch.cache):
             shared.absorb(batch)
         else:
             self._batches.append(batch)
+
+    def _prefill_inputs(self, sequence: Sequence) -> dict[str, Any]:
+        """A vision prompt's pixel inputs on the model's device (floats in its dtype), handed over
+        once: after the prefill the images live in the KV cache and decoding is text only."""
+        inputs, sequence.model_inputs = sequence.model_inputs, {}
+        device, dtype = self._model.device, self._model.dtype
+        return {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+                for k, v in inputs.items()}
 
     def _drop_cancelled(self) -> None:
         for batch in self._batches:

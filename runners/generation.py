@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 
 import metrics
 from runners.base import FinishReason, GenerationRequest, OutputDelta, PreparedPrompt, TokenLogprob, ToolCall
+from runners.images import decode_request_images, has_images
 from runners.output_parsing import OutputParser, merge_tool_calls
 from runners.pool import DEFAULT, KeepAlive, Lease, ModelPool
 from runners.prepare import prepare_prompt
@@ -122,6 +123,8 @@ async def start_generation(
     pool: ModelPool, model: str, request: GenerationRequest, *, keep_alive: KeepAlive = DEFAULT
 ) -> Generation:
     started = time.perf_counter_ns()
+    if has_images(request):  # a bad image is refused before any model loads
+        request = await asyncio.to_thread(decode_request_images, request, pool.settings)
     lease = await pool.acquire(model, keep_alive=keep_alive)
     try:
         prepared, parser = await asyncio.to_thread(_prepare, model, lease, request)
@@ -138,7 +141,7 @@ def _prepare(model: str, lease: Lease, request: GenerationRequest) -> tuple[Prep
     parser = OutputParser(model, lease.entry.parsers, runner.tokenizer, request)
     if parser.constraint is not None:
         request = dataclasses.replace(request, response_format=parser.constraint)
-    prepared = prepare_prompt(runner.tokenizer, request, runner.context_length)
+    prepared = prepare_prompt(runner.tokenizer, request, runner.context_length, runner.processor)
     prepared.skip_special_tokens = parser.skip_special_tokens
     parser.set_prompt(prepared.token_ids)
     return prepared, parser

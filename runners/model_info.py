@@ -44,6 +44,10 @@ class ModelInfo:
                 return f"{n / scale:.1f}{unit}"
         return str(n)
 
+    @property
+    def vision(self) -> bool:
+        return is_vision_model(self.config)
+
     def capabilities(self, *, tools: bool, thinking: bool) -> list[str]:
         """Ollama's capability names, each only where true (tools and thinking: where the output
         parsers for them were found)."""
@@ -52,9 +56,17 @@ class ModelInfo:
             caps.append("tools")
         if thinking:
             caps.append("thinking")
+        if self.vision:
+            caps.append("vision")
         if self.fim_tokens:
             caps.append("insert")
         return caps
+
+
+def is_vision_model(config: dict) -> bool:
+    """Whether a model takes images: image-text-to-text models (LLaVA, Qwen2-VL, Gemma 3, Idefics3,
+    Mllama, ...) describe their image encoder in a `vision_config`."""
+    return isinstance(config.get("vision_config"), dict)
 
 
 def describe(local: LocalModel) -> ModelInfo:

@@ -11,22 +11,28 @@ from typing import Any
 
 from errors import InvalidRequest
 from runners.base import GenerationRequest, PreparedPrompt
+from runners.images import image_parts
 from runners.limits import fit_prompt, longest_token_chars
 from runners.model_info import FIM_TOKENS
 
 
-def prepare_prompt(tokenizer: Any, request: GenerationRequest, context_length: int) -> PreparedPrompt:
+def prepare_prompt(tokenizer: Any, request: GenerationRequest, context_length: int,
+                   processor: Any = None) -> PreparedPrompt:
     """The prompt the engine decodes from, with at least one token of room to answer.
 
     A chat longer than the context is fitted Ollama's way when `request.fit_context` is set (oldest
     turns dropped, system messages and the last message kept), else refused with a 400 as vLLM does.
+    Images (decoded already, runners/images.py) go through the model's `processor`, which expands
+    each placeholder the template wrote into the image's tokens: they count toward the context.
     """
+    if image_parts(request.messages):
+        _check_can_see(tokenizer, request, processor)
     context = min(context_length, request.context_limit or context_length)
     text = render_prompt(tokenizer, request)
-    ids = _tokenize_within(tokenizer, text, context)
+    ids, model_inputs = _encode(tokenizer, processor, text, request.messages, context)
     too_long = ids is None or len(ids) + 1 > context
     if too_long and request.fit_context and request.messages and _has_template(tokenizer):
-        text, ids = _fit_messages(tokenizer, request, context)
+        text, ids, model_inputs = _fit_messages(tokenizer, processor, request, context)
     if ids is None:
         fit_prompt(tokenizer, text, context)  # raises: longer in characters than the context can hold
         raise AssertionError("unreachable")
@@ -34,7 +40,35 @@ def prepare_prompt(tokenizer: Any, request: GenerationRequest, context_length: i
         raise InvalidRequest(f"input is {len(ids)} tokens; the model's context is {context} tokens", param="messages")
     room = context - len(ids)
     max_tokens = request.options.max_tokens
-    return PreparedPrompt(request, text, ids, room if max_tokens is None else min(max_tokens, room))
+    return PreparedPrompt(request, text, ids, room if max_tokens is None else min(max_tokens, room),
+                          model_inputs=model_inputs)
+
+
+def _check_can_see(tokenizer: Any, request: GenerationRequest, processor: Any) -> None:
+    if processor is None:
+        raise InvalidRequest("this model cannot see images (it is a text-only model): send text only, "
+                             "or use a vision model", param="messages")
+    if not _has_template(tokenizer) or request.suffix is not None:
+        raise InvalidRequest("images need the model's chat template to place them; this request or model "
+                             "has none", param="messages")
+
+
+def _encode(tokenizer: Any, processor: Any, text: str, messages: list[dict[str, Any]] | None,
+            context: int) -> tuple[list[int] | None, dict[str, Any]]:
+    """Token ids of `text`, and the processor's other model inputs (pixel_values, ...) when
+    `messages` carry images: the processor replaces each image placeholder by the image's tokens.
+    None for the ids, without tokenizing, when the text alone is too long to fit."""
+    images = [part["image"] for part in image_parts(messages)]
+    if not images or processor is None:
+        return _tokenize_within(tokenizer, text, context), {}
+    if len(text) > context * longest_token_chars(tokenizer):
+        return None, {}
+    try:
+        encoded = processor(text=text, images=images, add_special_tokens=False, return_tensors="pt")
+    except ValueError as exc:  # e.g. placeholders and images that do not pair up
+        raise InvalidRequest(f"the model's processor refused the images: {exc}", param="messages") from exc
+    ids: list[int] = encoded["input_ids"][0].tolist()
+    return ids, {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}
 
 
 def render_prompt(tokenizer: Any, request: GenerationRequest, messages: list[dict[str, Any]] | None = None) -> str:
@@ -89,7 +123,8 @@ def _tokenize_within(tokenizer: Any, text: str, context: int) -> list[int] | Non
     return ids
 
 
-def _fit_messages(tokenizer: Any, request: GenerationRequest, context: int) -> tuple[str, list[int] | None]:
+def _fit_messages(tokenizer: Any, processor: Any, request: GenerationRequest,
+                  context: int) -> tuple[str, list[int] | None, dict[str, Any]]:
     """Ollama's rule (server/prompt.go): drop the oldest non-system messages until the prompt fits
     with room to answer; system messages and the last message always stay. Returns the prompt that
     keeps the most history; if even the last message alone does not fit, that (too long) prompt."""
@@ -98,13 +133,13 @@ def _fit_messages(tokenizer: Any, request: GenerationRequest, context: int) -> t
     systems = [i for i, m in enumerate(messages) if m.get("role") == "system"]
     movable = [i for i in range(len(messages) - 1) if i not in systems]
 
-    def attempt(dropped: int) -> tuple[str, list[int] | None]:
+    def attempt(dropped: int) -> tuple[str, list[int] | None, dict[str, Any]]:
         gone = set(movable[:dropped])
         kept = [m for i, m in enumerate(messages) if i not in gone]
         text = render_prompt(tokenizer, request, kept)
-        return text, _tokenize_within(tokenizer, text, context)
+        return text, *_encode(tokenizer, processor, text, kept, context)
 
-    def fits(prompt: tuple[str, list[int] | None]) -> bool:
+    def fits(prompt: tuple[str, list[int] | None, dict[str, Any]]) -> bool:
         return prompt[1] is not None and len(prompt[1]) + room <= context
 
     # The fewest dropped messages that fit (the prompt shrinks as more go): a binary search.

@@ -1,4 +1,5 @@
-"""The transformers engine: any causal LM transformers can load, on CUDA or CPU.
+"""The transformers engine: any causal LM transformers can load, on CUDA or CPU, and vision models
+(image-text-to-text) with their processor.
 
 Concurrent requests to one model are decoded together by its continuous-batching scheduler
 (runners/batching.py); each request streams its chunks back to the event loop as they come.
@@ -19,6 +20,7 @@ from runners.batching import BatchScheduler, Emit, Sequence
 from runners.collector import ChunkCollector
 from runners.limits import fit_prompt
 from runners.local_cache import LocalModel
+from runners.model_info import describe, is_vision_model
 from runners.quantization import Precision
 from runners.structured import GrammarCache
 
@@ -31,14 +33,16 @@ class TransformersRunner(Runner):
 
     def __init__(
         self, model: LocalModel, precision: Precision, device: str, hf_model: Any, tokenizer: Any,
-        max_batch_size: int, max_queue: int,
+        max_batch_size: int, max_queue: int, processor: Any = None,
     ) -> None:
         super().__init__(model, precision, device)
         self._hf_model = hf_model
         self.tokenizer = tokenizer
+        self.processor = processor
         config = hf_model.config
+        text_config = config.get_text_config()  # a vision model's language model holds the context
         self.context_length: int = (
-            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+            getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None) or 2048
         )
         eos = hf_model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -54,10 +58,19 @@ class TransformersRunner(Runner):
         max_batch_size: int, max_queue: int,
     ) -> TransformersRunner:
         """Load from the local snapshot folder only (blocking; never touches the network)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, BitsAndBytesConfig
 
         common = {"local_files_only": True, "trust_remote_code": trust_remote_code}
-        tokenizer = AutoTokenizer.from_pretrained(model.path, **common)
+        processor = None
+        if is_vision_model(describe(model).config):
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(model.path, **common)
+            tokenizer = processor.tokenizer
+            if not getattr(tokenizer, "chat_template", None):  # some repos keep it on the processor only
+                tokenizer.chat_template = processor.chat_template
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(model.path, **common)
         kwargs: dict[str, Any] = dict(common)
         if precision.mode == "nf4":
             compute = torch.bfloat16 if device == "cuda" else torch.float32
@@ -67,11 +80,12 @@ class TransformersRunner(Runner):
             kwargs["device_map"] = device
         elif precision.mode in _DTYPES:
             kwargs["dtype"] = _DTYPES[precision.mode]
-        hf_model = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
+        auto_class = AutoModelForCausalLM if processor is None else AutoModelForImageTextToText
+        hf_model = auto_class.from_pretrained(model.path, **kwargs)
         if "device_map" not in kwargs:
             hf_model.to(device)
         hf_model.eval()
-        runner = cls(model, precision, device, hf_model, tokenizer, max_batch_size, max_queue)
+        runner = cls(model, precision, device, hf_model, tokenizer, max_batch_size, max_queue, processor)
         # Everything alive now (the model's modules, transformers' and torch's own objects) is long
         # lived: frozen, the cyclic collector stops re-scanning it, so the full collections the
         # decode loop's garbage triggers take milliseconds instead of stalling every stream.

@@ -249,6 +249,62 @@ def build_broken_model(dst: Path) -> Path:
     return dst
 
 
+# CHAT_TEMPLATE with image parts: each `{"type": "image"}` part becomes an <image> placeholder,
+# which the processor expands into the image's tokens (as LLaVA's own templates do).
+IMAGE_TOKEN = "<image>"
+VISION_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{- part['text'] -}}{%- endfor -%}",
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '" + IMAGE_TOKEN + "' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}",
+)
+
+
+def build_tiny_llava(dst: Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
+    """A random-weight `LlavaForConditionalGeneration` (a tiny CLIP vision tower and a tiny Llama)
+    saved with its `LlavaProcessor` (CLIP's PIL image processor: no torchvision needed) in `dst`.
+
+    Every image is resized and cropped to `image_size` square and becomes
+    (image_size / patch_size)² tokens: 16 with the defaults."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    assert VISION_CHAT_TEMPLATE != CHAT_TEMPLATE
+    build_tokenizer(dst, VISION_CHAT_TEMPLATE)
+    tok = AutoTokenizer.from_pretrained(dst)
+    tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch_size, image_token=IMAGE_TOKEN,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=VISION_CHAT_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch_size, projection_dim=32)
+    text = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    processor.save_pretrained(dst)  # the tokenizer (with <image>), processor_config.json, chat_template.jinja
+    _save_seeded(dst, config, LlavaForConditionalGeneration, seed)
+    return dst
+
+
 _REMOTE_CODE = {
     "configuration_custom.py": '''"""Custom config for a test model: loading it needs trust_remote_code=True."""
 
