@@ -374,7 +374,9 @@ def test_output_a_reader_has_not_taken_is_merged_not_queued(serve, install_model
 
         request = GenerationRequest(prompt="hi", options=SamplingOptions(max_tokens=120, temperature=0,
                                                                          ignore_eos=True, repeat_penalty=1.1))
-        chunks = runner.generate(request)
+        from runners.prepare import prepare_prompt
+
+        chunks = runner.generate(prepare_prompt(runner.tokenizer, request, runner.context_length))
         first = await anext(chunks)
         while runner.batch_size():  # the whole generation finishes while nobody reads
             await asyncio.sleep(0.01)
