@@ -68,7 +68,7 @@ def _parse(dialect: str, line: str) -> tuple[bool, int | None]:
 async def _one(client: httpx.AsyncClient, dialect: str, model: str, prompt: str, max_tokens: int) -> RequestTiming:
     path, body = _request(dialect, model, prompt, max_tokens)
     started = time.perf_counter()
-    if not body.get("stream", True):  # one JSON body: its arrival is the first (and every) token's
+    if not body.get("stream"):  # one JSON body: its arrival is the first (and every) token's
         response = await client.post(path, json=body)
         response.raise_for_status()
         return RequestTiming(time.perf_counter() - started, [], response.json()["usage"]["completion_tokens"])

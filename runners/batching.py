@@ -13,6 +13,7 @@ sequence and are stepped one sequence at a time, still interleaved with each oth
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -126,6 +127,14 @@ class KVBatch:
         self.mask = torch.ones(1, length, dtype=torch.long, device=_device_of(cache))
         self.positions = torch.tensor([length], dtype=torch.long, device=self.mask.device)
 
+    @classmethod
+    def prefilled(cls, rows: list[Sequence], cache: Any, mask: torch.Tensor) -> KVBatch:
+        """Rows prefilled together, left-padded (`mask` 0 on the padding): already right-aligned."""
+        batch = cls.__new__(cls)
+        batch.rows, batch.cache, batch.mask = list(rows), cache, mask
+        batch.positions = mask.sum(dim=1)
+        return batch
+
     @staticmethod
     def mergeable(cache: Any) -> bool:
         from transformers.cache_utils import DynamicLayer
@@ -215,6 +224,12 @@ class BatchScheduler:
         self._waiting: deque[Sequence] = deque()
         self._admitting: list[Sequence] = []  # taken from the queue, not yet in a batch
         self._batches: list[KVBatch] = []
+        # Whether this model's cache can be merged (learned from the first prefill): only then are
+        # prompts arriving together prefilled together.
+        self._mergeable: bool | None = None
+        # A prefill needs the logits of the last position only: not a (prompt x vocab) matrix.
+        accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._last_logits: dict[str, int] = {"logits_to_keep": 1} if accepts else {}
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"batch:{name}", daemon=True)
@@ -262,6 +277,10 @@ class BatchScheduler:
                         return
                     room = self._max_batch_size - self.batch_size()
                     self._admitting = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                text_only = [s for s in self._admitting if not s.model_inputs]  # images prefill alone
+                if len(text_only) > 1 and self._mergeable:
+                    self._admit_together(text_only)
+                    self._admitting = [s for s in self._admitting if s.model_inputs or s in text_only]
                 for sequence in list(self._admitting):
                     self._guarded(lambda s=sequence: self._admit(s), [sequence])
                     self._admitting.remove(sequence)  # now in a batch, or finished
@@ -288,12 +307,53 @@ class BatchScheduler:
             return
         ids = torch.tensor([sequence.prompt_ids], device=self._model.device)
         images = self._prefill_inputs(sequence)
-        out = self._model(input_ids=ids, use_cache=True, **images)
+        out = self._model(input_ids=ids, use_cache=True, **self._last_logits, **images)
+        self._mergeable = KVBatch.mergeable(out.past_key_values)
         if sequence.advance(out.logits[0, -1]):
             return
         batch = KVBatch(sequence, out.past_key_values)
         if images:  # multi-axis rotary models (Qwen2-VL) place the tokens after an image by an offset
             batch.positions += _rope_delta(self._model)
+        self._join(batch)
+
+    def _admit_together(self, sequences: list[Sequence]) -> None:
+        """Prefill the prompts that arrived together in one left-padded forward pass, so a burst of
+        N requests stalls the running batch for one pass instead of N. The sequences it admits (or
+        finishes) leave `sequences`; on a failure of the shared pass they all stay there, to be
+        admitted one by one, so one bad request cannot fail the others."""
+        for sequence in [s for s in sequences if s.cancelled.is_set()]:
+            sequence.cancel_now()
+            sequences.remove(sequence)
+        if len(sequences) < 2:
+            return
+        device = self._model.device
+        width = max(len(s.prompt_ids) for s in sequences)
+        ids = torch.zeros(len(sequences), width, dtype=torch.long, device=device)  # padding: masked out
+        mask = torch.zeros_like(ids)
+        for i, sequence in enumerate(sequences):
+            ids[i, width - len(sequence.prompt_ids):] = torch.tensor(sequence.prompt_ids, device=device)
+            mask[i, width - len(sequence.prompt_ids):] = 1
+        try:
+            out = self._model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                              use_cache=True, **self._last_logits)
+        except Exception:  # noqa: BLE001 - retried alone, where a failure reaches only its own request
+            return
+        rows = list(sequences)
+        batch = KVBatch.prefilled(rows, out.past_key_values, mask)
+        logits = out.logits[:, -1]
+        running = []
+        for i, row in enumerate(rows):
+            try:
+                if not row.advance(logits[i]):
+                    running.append(i)
+            except Exception as exc:  # noqa: BLE001 - a bad grammar ends its own request only
+                row.fail(exc)
+        batch.keep(running)
+        if batch.rows:
+            self._join(batch)
+        sequences.clear()  # only now: until joined, the rows count as admitting in batch_size()
+
+    def _join(self, batch: KVBatch) -> None:
         shared = next((b for b in self._batches if KVBatch.mergeable(b.cache)), None)
         if shared is not None and KVBatch.mergeable(batch.cache):
             shared.absorb(batch)
