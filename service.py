@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import bentoml  # noqa: E402
 
 from api.app import create_app  # noqa: E402
+from api.request_id import install_log_filter  # noqa: E402
 from runtime import Runtime  # noqa: E402
 from settings import load_settings  # noqa: E402
 
@@ -30,6 +31,7 @@ app = create_app()
 @bentoml.asgi_app(app, path="/")
 class AIServer:
     def __init__(self) -> None:
+        install_log_filter()  # BentoML has configured the worker's logging by now
         self.runtime = Runtime(load_settings())
         app.state.runtime = self.runtime
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from api.deps import get_runtime
+from api.errors import stream_error
 from api.ollama import final_stats
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
 from jobs.models import iso_utc
@@ -60,7 +61,7 @@ async def _sse_events(generation: Generation, chunks: AsyncIterator[Chunk]) -> A
             if chunk.text:
                 yield sse_event({"delta": {"content": chunk.text}, "done": False})
     except Exception as exc:  # after the first byte the status is sent: report in-band
-        yield sse_event({"error": str(exc), "done": True})
+        yield stream_error(exc, "native")
         return
     assert generation.stats is not None
     yield sse_event({"delta": {}, "done": True, **final_stats(generation.stats)})

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from api.deps import get_runtime
+from api.errors import stream_error
 from api.ollama_schemas import (
     ChatRequest,
     CopyRequest,
@@ -121,7 +122,7 @@ async def _respond(model: str, generation: Generation, stream: bool, piece: Call
                 if chunk.text:
                     yield _line({"model": model, "created_at": _now(), **piece(chunk.text), "done": False})
         except Exception as exc:  # the status is sent: Ollama reports late errors as a last line
-            yield _line({"error": str(exc)})
+            yield stream_error(exc, "ollama")
             return
         assert generation.stats is not None
         yield _line({"model": model, "created_at": _now(), **piece(""), "done": True, **final_stats(generation.stats)})
