@@ -145,3 +145,42 @@ def test_an_unexpected_error_is_a_logged_json_500_naming_the_request_id(client, 
     assert {"req-ollama", request_id} <= {getattr(r, "x_request_id", None) for r in logged}
     assert any(f"[request_id={request_id}]" in r.getMessage() and r.exc_info[0].__name__ == "TemplateSyntaxError"
                for r in logged)
+
+
+# -- an error after the stream began: one helper, each dialect's framing, logged ------------------
+
+def test_a_failure_mid_stream_ends_each_dialects_stream_in_its_framing_and_is_logged(
+    serve, install_model, tmp_path: Path, caplog,
+) -> None:
+    from tests.test_openai_api import _FAULTY_MODELING
+    from tests.support.tiny_models import build_remote_code_model
+
+    src = build_remote_code_model(tmp_path / "faulty")
+    (src / "modeling_custom.py").write_text(_FAULTY_MODELING)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "fail_after": 16}))
+    install_model(src, "test-org/faulty")
+    client = serve(TRUST_REMOTE_CODE_MODELS="test-org/faulty")
+    caplog.set_level(logging.ERROR)
+    messages = [{"role": "user", "content": "hello"}]
+
+    def stream(path: str, body: dict, request_id: str) -> list[str]:
+        with client.stream("POST", path, json={"model": "test-org/faulty", "messages": messages, "stream": True, **body},
+                           headers={"X-Request-ID": request_id}) as r:
+            assert r.status_code == 200
+            return [line for line in r.iter_lines() if line]
+
+    ollama = [json.loads(line) for line in stream("/api/chat", {"options": {"num_predict": 50}}, "mid-ollama")]
+    assert ollama[0]["message"]["content"] and "done" not in ollama[-1]
+    assert "simulated device fault" in ollama[-1]["error"] and "request id mid-ollama" in ollama[-1]["error"]
+
+    native = [json.loads(line.removeprefix("data: ")) for line in stream("/chat", {"max_tokens": 50}, "mid-native")]
+    assert native[0]["delta"]["content"] and native[-1]["done"] is True
+    assert "simulated device fault" in native[-1]["error"]
+
+    openai = stream("/v1/chat/completions", {"max_tokens": 50}, "mid-openai")
+    error = json.loads(openai[-1].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and "simulated device fault" in error["message"]
+
+    logged = {getattr(r, "x_request_id", None) for r in caplog.records if r.exc_info and "simulated" in str(r.exc_info[1])}
+    assert {"mid-ollama", "mid-native", "mid-openai"} <= logged
