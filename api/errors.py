@@ -107,6 +107,7 @@ def stream_error(exc: Exception, wire: StreamWire) -> str:
         return json.dumps({"error": problem.message}) + "\n"
     if wire == "native":
         return sse_event({"error": problem.message, "done": True})
+    # Anthropic's /v1/messages would add its wire here: `event: error` + {"type": "error", "error": {...}}.
     return sse_event(error_body("openai", problem.status, problem.message, problem.error_type, problem.param))
 
 

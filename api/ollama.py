@@ -32,7 +32,7 @@ from runners.generation import Generation, GenerationStats, start_generation
 from runners.local_cache import LocalModel, copy_model, delete_model, find_local, list_local
 from runners.model_info import ModelInfo, describe
 from runners.names import parse_model_name
-from runners.pool import KeepAlive, LoadedModel
+from runners.pool import KeepAlive, LoadedModel, Purpose
 from runtime import Runtime
 
 router = APIRouter(tags=["ollama"])
@@ -134,14 +134,16 @@ def _line(payload: dict[str, Any]) -> str:
     return json.dumps(payload) + "\n"
 
 
-async def _load_or_unload(runtime: Runtime, model: str, keep_alive: KeepAlive, empty: dict) -> JSONResponse:
+async def _load_or_unload(
+    runtime: Runtime, model: str, keep_alive: KeepAlive, empty: dict, purpose: Purpose = "generate"
+) -> JSONResponse:
     """Ollama's convention: no prompt loads the model; no prompt with keep_alive 0 unloads it."""
     _local_or_404(model)
     if keep_alive == 0:
         await runtime.pool.unload(model)
         reason = "unload"
     else:
-        lease = await runtime.pool.acquire(model, keep_alive=keep_alive)
+        lease = await runtime.pool.acquire(model, keep_alive=keep_alive, purpose=purpose)
         await lease.release()
         reason = "load"
     return JSONResponse({"model": model, "created_at": _now(), **empty, "done": True, "done_reason": reason})
@@ -163,7 +165,7 @@ async def embed_texts(body: EmbedRequest, runtime: Runtime = Depends(get_runtime
 @router.post("/api/embeddings")
 async def legacy_embeddings(body: LegacyEmbeddingsRequest, runtime: Runtime = Depends(get_runtime)) -> dict:
     if not body.prompt:
-        await _load_or_unload(runtime, body.model, body.keep_alive_seconds(), {})
+        await _load_or_unload(runtime, body.model, body.keep_alive_seconds(), {}, purpose="embed")
         return {"embedding": []}
     result = await embed(runtime.pool, body.model, [body.prompt], truncate=True, keep_alive=body.keep_alive_seconds())
     return {"embedding": result.vectors[0]}
