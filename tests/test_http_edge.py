@@ -93,6 +93,15 @@ def test_every_response_carries_a_request_id(client) -> None:
     assert len(unusable.headers["X-Request-ID"]) == 32
 
 
+def test_refused_requests_carry_a_request_id(serve) -> None:
+    client = serve(API_KEYS="secret")
+    refused = client.get("/v1/models", headers={"X-Request-ID": "who-am-i"})
+    assert refused.status_code == 401 and refused.headers["X-Request-ID"] == "who-am-i"
+    assert refused.json()["error"]["type"] == "authentication_error"
+    unknown = client.get("/v1/models/nobody/nothing", headers={"Authorization": "Bearer secret"})
+    assert unknown.status_code == 404 and unknown.headers["X-Request-ID"]
+
+
 def test_streams_carry_the_request_id(client) -> None:
     with client.stream("POST", "/api/chat", json={**chat_body(MODEL), "options": {"num_predict": 3}},
                        headers={"X-Request-ID": "stream-1"}) as r:
