@@ -40,6 +40,19 @@ def parse_duration(value: str | int | float) -> float | None:
     return None if seconds < 0 else seconds
 
 
+def _split_mapping(value: object) -> dict[str, str]:
+    """`org/model=name,other/model=name` as a dict (a dict passes through)."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    mapping = {}
+    for item in _split_list(value):
+        key, sep, name = item.partition("=")
+        if not sep or not key.strip() or not name.strip():
+            raise ValueError(f"expected repo_id=parser pairs separated by commas, got {item!r}")
+        mapping[key.strip()] = name.strip()
+    return mapping
+
+
 def _split_list(value: object) -> list[str]:
     if value is None or value == "":
         return []
@@ -68,6 +81,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where models run")
     max_batch_size: int = Field(16, ge=1, description="sequences one model decodes together (continuous batching)")
     max_queue: int = Field(64, ge=0, description="requests per model waiting for a batch slot; more get 503")
+    # Per-model overrides of the parsers picked from the chat template (vLLM's names; "none" turns one off).
+    tool_call_parsers: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    reasoning_parsers: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
 
     @field_validator("model_q4_threshold_bytes", "model_memory_budget_bytes", mode="before")
     @classmethod
@@ -89,6 +105,11 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: object) -> list[str]:
         return _split_list(value)
+
+    @field_validator("tool_call_parsers", "reasoning_parsers", mode="before")
+    @classmethod
+    def _mapping(cls, value: object) -> dict[str, str]:
+        return _split_mapping(value)
 
     @field_validator("data_dir", mode="after")
     @classmethod
@@ -114,6 +135,8 @@ class Settings(BaseSettings):
             "auth_enabled": bool(self.api_keys),
             "max_batch_size": self.max_batch_size,
             "max_queue": self.max_queue,
+            "tool_call_parsers": self.tool_call_parsers,
+            "reasoning_parsers": self.reasoning_parsers,
         }
 
 

@@ -6,8 +6,8 @@
   (`/v1/messages`, `{"type": "error", "error": {"type", "message"}}`) is added in those two.
 - Known failures (`problem_of`): the server's own errors (errors.py) keep their status; a chat
   template that refuses the conversation (`raise_exception(...)` in the template, an undefined
-  field) is the client's mistake: 400 with the template's own message. A template that does not
-  even parse is the model's fault and stays unexpected.
+  field) is the client's mistake: 400 with the template's own message (prompt preparation turns
+  those into InvalidRequest already; this catches any that reach the edge another way).
 - Anything else is unexpected: `ErrorPolicyMiddleware` logs it with its traceback and request id
   and answers 500 in the dialect's format, naming the request id.
 - An error after a stream began (the 200 is sent) is reported in-band by `stream_error`, one
@@ -25,7 +25,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from jinja2.exceptions import TemplateError, TemplateSyntaxError
+from jinja2.exceptions import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -83,7 +83,7 @@ def problem_of(exc: BaseException) -> Problem | None:
     """The answer to a known failure; None when the failure is unexpected (a server bug, broken files)."""
     if isinstance(exc, ServerError):
         return Problem(exc.status_code, exc.message, exc.error_type, exc.param, exc.retry_after)
-    if isinstance(exc, TemplateError) and not isinstance(exc, TemplateSyntaxError):
+    if isinstance(exc, TemplateError):
         return Problem(400, str(exc) or "the model's chat template refused these messages",
                        "invalid_request_error", "messages")
     return None
@@ -162,8 +162,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TemplateError)
     async def _known_error(request: Request, exc: Exception) -> JSONResponse:
         problem = problem_of(exc)
-        if problem is None:  # a template that does not parse: unexpected, for ErrorPolicyMiddleware
-            raise exc
+        assert problem is not None
         if problem.status >= 500:
             log.warning("%s %s failed (%d): %s", request.method, request.url.path, problem.status, problem.message)
         return error_response(request, problem.status, problem.message, error_type=problem.error_type,

@@ -11,10 +11,14 @@ from pydantic import BaseModel, Field
 
 from api.deps import get_runtime
 from api.errors import stream_error
-from api.ollama import final_stats
+from api.ollama import ChatPieces, final_stats
+from api.ollama_schemas import ChatRequest as OllamaChat
+from api.ollama_schemas import Message as OllamaMessage
+from api.ollama_schemas import Think, thinking_switches
+from api.openai_schemas import NamedToolChoice, ToolParam
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
 from jobs.models import iso_utc
-from runners.base import Chunk, GenerationRequest, SamplingOptions
+from runners.base import GenerationRequest, OutputDelta, SamplingOptions
 from runners.generation import Generation, start_generation
 from runners.local_cache import list_local
 from runtime import Runtime
@@ -22,9 +26,8 @@ from runtime import Runtime
 router = APIRouter(tags=["native"])
 
 
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
+class Message(OllamaMessage):
+    content: str | None  # required, as in the original API (null on a turn that only called tools)
 
 
 class ChatRequest(BaseModel):
@@ -33,33 +36,45 @@ class ChatRequest(BaseModel):
     max_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.7, ge=0)
     stream: bool = False
+    # The same tools and thinking as Ollama's /api/chat (tool_choice as OpenAI's).
+    tools: list[ToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    think: Think = None
 
 
 @router.post("/chat")
 async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Any:
+    tool_choice = OllamaChat(model=body.model, tools=body.tools, tool_choice=body.tool_choice).tool_choice_value()
     request = GenerationRequest(
-        messages=[m.model_dump() for m in body.messages],
+        messages=[m.for_template() for m in body.messages],
         options=SamplingOptions(max_tokens=body.max_tokens, temperature=body.temperature),
+        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+        tool_choice=tool_choice,
+        template_kwargs=thinking_switches(body.think),
+        require_thinking=bool(body.think),
     )
     generation = await start_generation(runtime.pool, body.model, request)
+    pieces = ChatPieces(show_thinking=body.think is not False)
     if body.stream:
-        chunks = await started_stream(generation.stream())
-        return stream_generation(generation, _sse_events(generation, chunks), SSE_MEDIA_TYPE)
-    text, stats = await generation.collect()
+        deltas = await started_stream(generation.stream())
+        return stream_generation(generation, _sse_events(generation, deltas, pieces), SSE_MEDIA_TYPE)
+    done = await generation.collect()
     return {
         "model": body.model,
         "created_at": iso_utc(generation.created_at),
-        "message": {"role": "assistant", "content": text},
+        **pieces.final(done),
         "done": True,
-        **final_stats(stats),
+        **final_stats(done.stats),
     }
 
 
-async def _sse_events(generation: Generation, chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
+async def _sse_events(generation: Generation, deltas: AsyncIterator[OutputDelta], pieces: ChatPieces) -> AsyncIterator[str]:
     try:
-        async for chunk in chunks:
-            if chunk.text:
-                yield sse_event({"delta": {"content": chunk.text}, "done": False})
+        async for delta in deltas:
+            fields = pieces.piece(delta)
+            if fields is not None:
+                message = {k: v for k, v in fields["message"].items() if k != "role" and v != ""}
+                yield sse_event({"delta": message, "done": False})
     except Exception as exc:  # after the first byte the status is sent: report in-band
         yield stream_error(exc, "native")
         return

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,16 +22,18 @@ from api.ollama_schemas import (
     GenerateRequest,
     LegacyEmbeddingsRequest,
     NamedModel,
+    thinking_switches,
 )
 from api.streaming import NDJSON_MEDIA_TYPE, started_stream, stream_generation
 from errors import InvalidRequest, ModelNotFound
 from jobs.models import iso_utc
-from runners.base import GenerationRequest
+from runners.base import GenerationRequest, OutputDelta, ToolCall, ToolCallDelta
 from runners.embedding import embed
-from runners.generation import Generation, GenerationStats, start_generation
+from runners.generation import Completion, Generation, GenerationStats, start_generation
 from runners.local_cache import LocalModel, copy_model, delete_model, find_local, list_local
 from runners.model_info import ModelInfo, describe
 from runners.names import parse_model_name
+from runners.output_parsing import choose_parsers, merge_tool_calls
 from runners.pool import KeepAlive, LoadedModel, Purpose
 from runtime import Runtime
 
@@ -73,18 +75,22 @@ def _local_or_404(name: str) -> LocalModel:
 async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Response:
     if any(m.images for m in body.messages):
         raise InvalidRequest("this model does not support images", param="messages")
-    if body.tools:
-        raise InvalidRequest("tools are not supported by this server yet", param="tools")
     keep_alive = body.keep_alive_seconds()
     if not body.messages:
         return await _load_or_unload(runtime, body.model, keep_alive, {"message": _assistant("")})
     request = GenerationRequest(
-        messages=[{"role": m.role, "content": m.content} for m in body.messages],
+        messages=[m.for_template() for m in body.messages],
         options=body.options.sampling(),
         response_format=body.response_format(),
+        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+        tool_choice=body.tool_choice_value(),
+        template_kwargs=thinking_switches(body.think),
+        require_thinking=bool(body.think),
+        fit_context=True,
+        context_limit=body.options.num_ctx,
     )
     generation = await start_generation(runtime.pool, body.model, request, keep_alive=keep_alive)
-    return await _respond(body.model, generation, body.stream, lambda text: {"message": _assistant(text)})
+    return await _respond(body.model, generation, body.stream, ChatPieces(body.think is not False))
 
 
 @router.post("/api/generate")
@@ -94,7 +100,8 @@ async def generate(body: GenerateRequest, runtime: Runtime = Depends(get_runtime
     keep_alive = body.keep_alive_seconds()
     if not body.prompt and body.suffix is None:
         return await _load_or_unload(runtime, body.model, keep_alive, {"response": ""})
-    request = GenerationRequest(options=body.options.sampling(), response_format=body.response_format())
+    request = GenerationRequest(options=body.options.sampling(), response_format=body.response_format(),
+                                context_limit=body.options.num_ctx)
     if body.raw or body.suffix is not None:
         request.prompt, request.suffix = body.prompt, body.suffix
     else:
@@ -102,30 +109,108 @@ async def generate(body: GenerateRequest, runtime: Runtime = Depends(get_runtime
         system = [{"role": "system", "content": body.system}] if body.system else []
         request.messages = [*system, {"role": "user", "content": body.prompt}]
         request.prompt = f"{body.system}\n\n{body.prompt}" if body.system else body.prompt
+        request.template_kwargs = thinking_switches(body.think)
+        request.require_thinking = bool(body.think)
     generation = await start_generation(runtime.pool, body.model, request, keep_alive=keep_alive)
-    return await _respond(body.model, generation, body.stream, lambda text: {"response": text})
+    return await _respond(body.model, generation, body.stream, _GeneratePieces(body.think is not False))
 
 
 def _assistant(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
-async def _respond(model: str, generation: Generation, stream: bool, piece: Callable[[str], dict]) -> Response:
+def tool_call_json(call: ToolCall, index: int) -> dict[str, Any]:
+    """Ollama's tool call: arguments as an object."""
+    return {"id": call.id, "function": {"index": index, "name": call.name, "arguments": call.arguments_object()}}
+
+
+class ChatPieces:
+    """/api/chat's fields: `message` with content, thinking and tool calls. Ollama sends each tool
+    call whole in one chunk, so streamed call pieces are held until the call is complete."""
+
+    def __init__(self, show_thinking: bool) -> None:
+        self._show_thinking = show_thinking
+        self._pending: list[ToolCallDelta] = []  # pieces of calls not sent yet
+        self._sent = 0  # calls sent so far
+
+    def final(self, done: Completion) -> dict[str, Any]:
+        message: dict[str, Any] = _assistant(done.text)
+        if done.reasoning and self._show_thinking:
+            message["thinking"] = done.reasoning
+        if done.tool_calls:
+            message["tool_calls"] = [tool_call_json(call, i) for i, call in enumerate(done.tool_calls)]
+        return {"message": message}
+
+    def piece(self, delta: OutputDelta) -> dict[str, Any] | None:
+        self._pending += delta.tool_calls
+        calls = self._complete_calls(finished=delta.finish_reason is not None)
+        thinking = delta.reasoning if self._show_thinking else ""
+        if not (delta.content or thinking or calls):
+            return None
+        message: dict[str, Any] = _assistant(delta.content)
+        if thinking:
+            message["thinking"] = thinking
+        if calls:
+            message["tool_calls"] = calls
+        return {"message": message}
+
+    def _complete_calls(self, finished: bool) -> list[dict[str, Any]]:
+        """Calls whose pieces are all here: every call but the last one streaming, or all at the end."""
+        if not self._pending:
+            return []
+        last = max(d.index for d in self._pending)
+        ready = [d for d in self._pending if finished or d.index < last]
+        self._pending = [d for d in self._pending if d not in ready]
+        calls = merge_tool_calls(ready)
+        out = [tool_call_json(call, self._sent + i) for i, call in enumerate(calls)]
+        self._sent += len(calls)
+        return out
+
+    def empty(self) -> dict[str, Any]:
+        return {"message": _assistant("")}
+
+
+class _GeneratePieces:
+    """/api/generate's fields: `response` and `thinking`."""
+
+    def __init__(self, show_thinking: bool) -> None:
+        self._show_thinking = show_thinking
+
+    def final(self, done: Completion) -> dict[str, Any]:
+        out: dict[str, Any] = {"response": done.text}
+        if done.reasoning and self._show_thinking:
+            out["thinking"] = done.reasoning
+        return out
+
+    def piece(self, delta: OutputDelta) -> dict[str, Any] | None:
+        thinking = delta.reasoning if self._show_thinking else ""
+        if not (delta.content or thinking):
+            return None
+        return {"response": delta.content, **({"thinking": thinking} if thinking else {})}
+
+    def empty(self) -> dict[str, Any]:
+        return {"response": ""}
+
+
+async def _respond(model: str, generation: Generation, stream: bool, pieces: ChatPieces | _GeneratePieces) -> Response:
     if not stream:
-        text, stats = await generation.collect()
-        return JSONResponse({"model": model, "created_at": _now(), **piece(text), "done": True, **final_stats(stats)})
-    chunks = await started_stream(generation.stream())
+        done = await generation.collect()
+        return JSONResponse({"model": model, "created_at": _now(), **pieces.final(done), "done": True,
+                             **final_stats(done.stats)})
+    deltas = await started_stream(generation.stream())
 
     async def lines() -> AsyncIterator[str]:
         try:
-            async for chunk in chunks:
-                if chunk.text:
-                    yield _line({"model": model, "created_at": _now(), **piece(chunk.text), "done": False})
+            async for delta in deltas:
+                fields = pieces.piece(delta)
+                if fields is not None:
+                    yield _line({"model": model, "created_at": _now(), **fields, "done": False})
         except Exception as exc:  # the status is sent: Ollama reports late errors as a last line
             yield stream_error(exc, "ollama")
             return
         assert generation.stats is not None
-        yield _line({"model": model, "created_at": _now(), **piece(""), "done": True, **final_stats(generation.stats)})
+        yield _line({"model": model, "created_at": _now(), **pieces.empty(), "done": True,
+                     **final_stats(generation.stats)})
 
     return stream_generation(generation, lines(), NDJSON_MEDIA_TYPE)
 
@@ -196,9 +281,10 @@ async def tags() -> dict[str, Any]:
 
 
 @router.post("/api/show")
-async def show(body: NamedModel) -> dict[str, Any]:
+async def show(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     local = _local_or_404(body.model)
     info = await asyncio.to_thread(describe, local)
+    parsers = choose_parsers(local.ref.repo_id, info, runtime.settings)
     generation_config = local.path / "generation_config.json"
     params = json.loads(generation_config.read_text()) if generation_config.is_file() else {}
     parameters = "\n".join(f"{k:<30} {v}" for k, v in params.items()
@@ -209,7 +295,7 @@ async def show(body: NamedModel) -> dict[str, Any]:
         "template": info.chat_template or "",
         "details": _details(info),
         "model_info": _model_info(info, local),
-        "capabilities": info.capabilities,
+        "capabilities": info.capabilities(tools=parsers.tools, thinking=parsers.thinking),
         "modified_at": iso_utc(datetime.fromtimestamp(local.modified_at, timezone.utc)),
     }
 

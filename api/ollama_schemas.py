@@ -1,6 +1,6 @@
 """Ollama's request bodies (github.com/ollama/ollama docs/api.md) and their mapping to ours.
 
-Unknown `options` (num_ctx, mirostat, num_gpu, ...) are ignored as Ollama ignores options a
+Unknown `options` (mirostat, num_gpu, ...) are ignored as Ollama ignores options a
 runner does not use; supported ones are validated and an invalid value is a 400 naming it.
 """
 
@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from api.openai_schemas import NamedToolChoice, ToolParam
 from errors import InvalidRequest
 from runners.base import ResponseFormat, SamplingOptions
 from runners.pool import DEFAULT, KeepAlive
@@ -28,6 +29,7 @@ class Options(BaseModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     num_predict: int | None = Field(None, ge=-2)  # -1: no limit, -2: fill the context
+    num_ctx: int | None = Field(None, ge=1)  # a smaller context than the model's (longer chats are fitted)
     stop: list[str] | None = None
     seed: int | None = None
     repeat_penalty: float | None = Field(None, gt=0)
@@ -90,15 +92,70 @@ class _GenerateCommon(_ModelRequest):
         raise InvalidRequest(f"invalid format {self.format!r}: use \"json\" or a JSON schema", param="format")
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    function: ToolCallFunction
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+    content: str | None = ""
     images: list[str] | None = None
+    thinking: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None  # a tool result: the tool it answers
+    tool_call_id: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it (the same shape the OpenAI dialect produces)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content or ""}
+        if self.tool_name:
+            message["name"] = self.tool_name
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function",
+                                      "function": {"name": call.function.name, "arguments": call.function.arguments}}
+                                     for call in self.tool_calls]
+        if self.thinking:
+            message["reasoning_content"] = self.thinking
+        return message
+
+
+Think = bool | Literal["low", "medium", "high"] | None
+
+
+def thinking_switches(think: Think) -> dict[str, Any]:
+    """Ollama's `think` as chat-template switches: on/off (`enable_thinking`, Qwen3 and others),
+    and a level (`reasoning_effort`, gpt-oss)."""
+    if think is None:
+        return {}
+    if isinstance(think, str):
+        return {"enable_thinking": True, "reasoning_effort": think}
+    return {"enable_thinking": think}
 
 
 class ChatRequest(_GenerateCommon):
     messages: list[Message] = Field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolParam] | None = None
+    # Not Ollama's: OpenAI's tool_choice (none, auto, required, or {"type": "function", "function":
+    # {"name": ...}}), so Ollama clients can force a call too. Ollama's own behaviour is "auto".
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    think: Think = None
+
+    def tool_choice_value(self) -> str | dict[str, Any]:
+        choice = self.tool_choice or "auto"
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in {t.function.name for t in self.tools or []}:
+                raise InvalidRequest(f"tool_choice names {choice.function.name!r}, which is not one of `tools`",
+                                     param="tool_choice")
+            return choice.model_dump()
+        return choice
 
 
 class GenerateRequest(_GenerateCommon):
@@ -109,6 +166,7 @@ class GenerateRequest(_GenerateCommon):
     images: list[str] | None = None
     template: str | None = None  # Go templates cannot apply to Hugging Face models: ignored
     context: list[int] | None = None  # deprecated in Ollama: ignored
+    think: Think = None
 
 
 class EmbedRequest(_ModelRequest):

@@ -23,9 +23,10 @@ from api.openai_schemas import ChatCompletionRequest, CompletionRequest, Embeddi
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
 from errors import ModelNotFound
 from runners import structured
-from runners.base import Chunk, GenerationRequest, ResponseFormat, SamplingOptions, TokenLogprob
+from runners.base import GenerationRequest, OutputDelta, ResponseFormat, SamplingOptions, TokenLogprob, ToolCallDelta
 from runners.embedding import embed
-from runners.generation import GenerationGroup, GenerationStats, start_generations
+from runners.generation import Completion, Generation, GenerationGroup, GenerationStats, start_generations
+from runners.output_parsing import finish_reason
 from runners.local_cache import LocalModel, find_local, list_local
 from runners.names import parse_model_name
 from runtime import Runtime
@@ -80,19 +81,32 @@ async def embeddings(body: EmbeddingRequest, runtime: Runtime = Depends(get_runt
 class _ChatShape:
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def choice(self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str) -> dict[str, Any]:
-        return {"index": index, "message": {"role": "assistant", "content": text},
-                "logprobs": self._logprobs(logprobs), "finish_reason": finish}
+    def __init__(self, include_reasoning: bool = True) -> None:
+        self._include_reasoning = include_reasoning
 
-    def delta(self, index: int, text: str | None, logprobs: list[TokenLogprob] | None = None,
-              finish: str | None = None) -> dict[str, Any]:
-        """A stream chunk's choice; text None: the opening chunk that names the role."""
-        if text is None:
+    def choice(self, index: int, done: Completion, finish: str) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": done.text or (None if done.tool_calls else "")}
+        if done.reasoning and self._include_reasoning:
+            message |= _reasoning_fields(done.reasoning)
+        if done.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in done.tool_calls]
+        return {"index": index, "message": message, "logprobs": self._logprobs(done.logprobs), "finish_reason": finish}
+
+    def delta(self, index: int, piece: OutputDelta | None, finish: str | None = None) -> dict[str, Any]:
+        """A stream chunk's choice; piece None: the opening chunk that names the role (or, with
+        `finish`, the closing chunk, which only carries finish_reason)."""
+        delta: dict[str, Any] = {}
+        if piece is None and finish is None:
             delta = {"role": "assistant", "content": ""}
-        elif text or logprobs:
-            delta = {"content": text}
-        else:  # the closing chunk, which only carries finish_reason
-            delta = {}
+        elif piece is not None:
+            if piece.content or (piece.logprobs and not piece.reasoning and not piece.tool_calls):
+                delta["content"] = piece.content
+            if piece.reasoning and self._include_reasoning:
+                delta |= _reasoning_fields(piece.reasoning)
+            if piece.tool_calls:
+                delta["tool_calls"] = [_tool_call_delta(call) for call in piece.tool_calls]
+        logprobs = piece.logprobs if piece is not None else None
         return {"index": index, "delta": delta, "logprobs": self._logprobs(logprobs), "finish_reason": finish}
 
     @staticmethod
@@ -106,18 +120,38 @@ class _ChatShape:
                             for e in entries], "refusal": None}
 
 
+def _reasoning_fields(text: str) -> dict[str, str]:
+    """vLLM's reasoning field under both names clients read: `reasoning_content` (vLLM before
+    0.11, Open WebUI, LangChain, DeepSeek's API) and `reasoning` (vLLM since)."""
+    return {"reasoning_content": text, "reasoning": text}
+
+
+def _tool_call_delta(call: ToolCallDelta) -> dict[str, Any]:
+    """vLLM's streamed tool call: index, id, type and name first, then argument pieces."""
+    out: dict[str, Any] = {"index": call.index}
+    function: dict[str, Any] = {}
+    if call.id is not None:
+        out |= {"id": call.id, "type": "function"}
+    if call.name is not None:
+        function["name"] = call.name
+    if call.arguments or call.name is not None:
+        function["arguments"] = call.arguments
+    out["function"] = function
+    return out
+
+
 class _TextShape:
     id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
     def __init__(self) -> None:
         self._offsets: dict[int, int] = {}  # per choice: characters of text before the next token
 
-    def choice(self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str) -> dict[str, Any]:
-        return {"index": index, "text": text, "logprobs": self._logprobs(index, logprobs), "finish_reason": finish}
+    def choice(self, index: int, done: Completion, finish: str) -> dict[str, Any]:
+        return {"index": index, "text": done.text, "logprobs": self._logprobs(index, done.logprobs), "finish_reason": finish}
 
-    def delta(self, index: int, text: str | None, logprobs: list[TokenLogprob] | None = None,
-              finish: str | None = None) -> dict[str, Any]:
-        return {"index": index, "text": text or "", "logprobs": self._logprobs(index, logprobs), "finish_reason": finish}
+    def delta(self, index: int, piece: OutputDelta | None, finish: str | None = None) -> dict[str, Any]:
+        text, logprobs = (piece.content, piece.logprobs) if piece is not None else ("", None)
+        return {"index": index, "text": text, "logprobs": self._logprobs(index, logprobs), "finish_reason": finish}
 
     def _logprobs(self, index: int, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
         if entries is None:
@@ -140,10 +174,16 @@ _Shape = _ChatShape | _TextShape
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, runtime: Runtime = Depends(get_runtime)) -> Any:
-    # OpenAI's "developer" role is the system prompt under a newer name; templates know "system".
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    base = GenerationRequest(messages=messages, logprobs=body.logprob_count())
-    return await _complete(runtime, body, [base], body.token_limit(), _ChatShape())
+    tools = body.tool_list()
+    base = GenerationRequest(
+        messages=[m.for_template() for m in body.messages],
+        logprobs=body.logprob_count(),
+        tools=tools or None,
+        tool_choice=body.tool_choice_value(),
+        parallel_tool_calls=body.parallel_tool_calls,
+        template_kwargs=body.template_kwargs(),
+    )
+    return await _complete(runtime, body, [base], body.token_limit(), _ChatShape(body.include_reasoning))
 
 
 @router.post("/completions")
@@ -202,39 +242,44 @@ async def _complete(
     return {
         **head,
         "object": shape.object,
-        "choices": [shape.choice(i, c.text, c.logprobs, _finish(c.stats)) for i, c in enumerate(done)],
+        "choices": [shape.choice(i, c, _finish(c, g)) for i, (c, g) in enumerate(zip(done, group.generations))],
         "usage": _usage([c.stats for c in done], body.n),
     }
 
 
 async def _stream_events(
     group: GenerationGroup,
-    chunks: AsyncIterator[tuple[int, Chunk]],
+    pieces: AsyncIterator[tuple[int, OutputDelta]],
     n: int,
     head: dict[str, Any],
     shape: _Shape,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    """OpenAI's chunk sequence: the role (chat), content deltas, a finish chunk per choice, the
-    usage chunk if asked, `[DONE]`. A failure after the first byte becomes an in-band error event."""
+    """OpenAI's chunk sequence: the role (chat), content / reasoning / tool-call deltas, a finish
+    chunk per choice, the usage chunk if asked, `[DONE]`. A failure after the first byte becomes an
+    in-band error event."""
 
     def event(*choices: dict[str, Any], usage: dict[str, int] | None = None) -> str:
         payload = {**head, "object": shape.chunk_object, "choices": list(choices)}
         return sse_event({**payload, "usage": usage} if include_usage else payload)
 
-    def events_of(index: int, chunk: Chunk) -> Iterator[str]:
-        if chunk.text or chunk.logprobs:
-            yield event(shape.delta(index, chunk.text, chunk.logprobs))
-        if chunk.finish_reason is not None:
-            stats = group.generations[index].stats
-            assert stats is not None
-            yield event(shape.delta(index, "", finish=_finish(stats)))
+    called = [False] * len(group.generations)  # whether a choice has made a tool call
+
+    def events_of(index: int, piece: OutputDelta) -> Iterator[str]:
+        called[index] = called[index] or bool(piece.tool_calls)
+        if piece or piece.logprobs:
+            yield event(shape.delta(index, piece))
+        if piece.finish_reason is not None:
+            generation = group.generations[index]
+            assert generation.stats is not None
+            reason = finish_reason(generation.stats.finish_reason, called[index], generation.named_tool)
+            yield event(shape.delta(index, None, finish=reason))
 
     try:
         if isinstance(shape, _ChatShape):
             yield event(*(shape.delta(i, None) for i in range(len(group.generations))))
-        async for index, chunk in chunks:
-            for line in events_of(index, chunk):
+        async for index, piece in pieces:
+            for line in events_of(index, piece):
                 yield line
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream, then stop
         yield stream_error(exc, "openai")
@@ -244,8 +289,8 @@ async def _stream_events(
     yield sse_event("[DONE]")
 
 
-def _finish(stats: GenerationStats) -> str:
-    return "length" if stats.finish_reason == "length" else "stop"
+def _finish(done: Completion, generation: Generation) -> str:
+    return finish_reason(done.stats.finish_reason, bool(done.tool_calls), generation.named_tool)
 
 
 def _usage(stats: list[GenerationStats], n: int) -> dict[str, int]:

@@ -1,13 +1,15 @@
 """OpenAI API request bodies (the fields of OpenAI's API reference that this server honours).
 
 Kept apart from the serving logic, like vLLM's protocol.py. Fields OpenAI defines that cannot be
-honoured here (tools, logit_bias, audio, echo, ...) are refused with a 400 naming the field rather
+honoured here (logit_bias, audio, echo, ...) are refused with a 400 naming the field rather
 than silently ignored; harmless bookkeeping fields (user, metadata, store, ...) are accepted.
-`top_k`, `min_p`, `repetition_penalty` and `ignore_eos` are vLLM's extensions, accepted the same way.
+`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `chat_template_kwargs` and `include_reasoning`
+are vLLM's extensions, accepted the same way.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
@@ -63,7 +65,7 @@ class GenerationParams(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=2)
     ignore_eos: bool = False
 
-    @field_validator("logit_bias", "tools", "functions", "audio", "echo", "suffix", check_fields=False)
+    @field_validator("logit_bias", "audio", "echo", "suffix", check_fields=False)
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         """Fields of OpenAI's API this server cannot honour: refused when they ask for something."""
@@ -92,15 +94,77 @@ class TextPart(BaseModel):
         return self
 
 
+class FunctionCallParam(BaseModel):
+    name: str
+    arguments: str = "{}"  # JSON text
+
+
+class ToolCallParam(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None  # None: an assistant turn that only called tools
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool results
+    reasoning_content: str | None = None  # an assistant turn's reasoning (vLLM's field)
+    reasoning: str | None = None  # the same, under vLLM 0.32's newer name
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "\n".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it: developer → system, the legacy `function` role
+        → tool, call arguments as objects (templates serialize them with tojson)."""
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        message: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.name:
+            message["name"] = self.name
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                for call in self.tool_calls
+            ]
+        if self.reasoning_content or self.reasoning:
+            message["reasoning_content"] = self.reasoning_content or self.reasoning
+        return message
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text or "{}")
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolParam(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(GenerationParams):
@@ -108,10 +172,15 @@ class ChatCompletionRequest(GenerationParams):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    functions: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto"] | None = None  # without tools both mean plain text
+    tools: list[ToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # The legacy function-calling fields, mapped onto tools and tool_choice.
+    functions: list[FunctionDefinition] | None = None
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True
     audio: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -119,6 +188,39 @@ class ChatCompletionRequest(GenerationParams):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true")
         return self
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        tools, choice = self.tool_list(), self.tool_choice_value()
+        if isinstance(choice, dict) and choice["function"]["name"] not in {t["function"]["name"] for t in tools}:
+            raise ValueError(f"tool_choice names {choice['function']['name']!r}, which is not one of `tools`")
+        if choice == "required" and not tools:
+            raise ValueError("tool_choice 'required' needs `tools`")
+        return self
+
+    def tool_list(self) -> list[dict[str, Any]]:
+        if self.tools:
+            return [t.model_dump(exclude_none=True) for t in self.tools]
+        return [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in self.functions or []]
+
+    def tool_choice_value(self) -> str | dict[str, Any]:
+        """tool_choice (or the legacy function_call); OpenAI's default: auto with tools, none without."""
+        choice = self.tool_choice if self.tool_choice is not None else self.function_call
+        if choice is None:
+            return "auto" if self.tools or self.functions else "none"
+        if isinstance(choice, str):
+            return choice
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else choice.name
+        return {"type": "function", "function": {"name": name}}
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """vLLM's rule: `reasoning_effort` reaches the template, and turns thinking on or off for
+        templates with an `enable_thinking` switch unless chat_template_kwargs says otherwise."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+        return kwargs
 
     def token_limit(self) -> int | None:
         """max_completion_tokens (OpenAI's newer name) wins; None: until the context is full, like vLLM."""

@@ -39,6 +39,9 @@ async def status(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
                 "backend": e.backend.name,
                 "backend_reason": e.backend.reason,
                 "quantization": e.runner.precision.mode,
+                "tool_call_parser": e.parsers.tool_parser,
+                "reasoning_parser": e.parsers.reasoning_parser,
+                "parsers_reason": e.parsers.reason,
                 "memory_bytes": e.memory_bytes,
                 "active_requests": e.active,
                 "running_requests": e.runner.batch_size(),  # decoding in the current batch

@@ -21,9 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.baselines import run_baseline
+from bench.baselines import run_baseline, server_dtype
 from bench.loadgen import DIALECTS, run_round, server_ttft, single_stream_ttfts, summarize
 from bench.plot import render
+from bench.vllm_server import vllm_own_server
 from bench.report import markdown, targets, write_json
 from tests.support.server_process import running_server
 from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
@@ -40,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ttft-samples", type=int, default=20, help="single requests timed for the TTFT target")
     parser.add_argument("--hidden", type=int, default=768, help="model width (768 with 12 layers: ~90M parameters)")
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--dtype", default="bfloat16", help="the checkpoint's dtype (most Hub models: bfloat16)")
     parser.add_argument("--backends", default="auto", help="transformers,vllm or auto (vLLM when importable)")
     parser.add_argument("--quick", action="store_true", help="smallest size: a smoke check, not a measurement")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for JSON and PNG")
@@ -79,6 +81,18 @@ def http_rows(url: str, backend: str, kind: str, levels: list[int], args: argpar
     return rows
 
 
+def server_memory(url: str, backend: str) -> dict[str, Any]:
+    """The loaded model's precision and size as the server reports them (/models), and the resident
+    memory of the server's whole process tree (the bench's only children while a server runs)."""
+    import httpx
+    import psutil
+
+    [entry] = [m for m in httpx.get(f"{url}/models").json()["models"] if m["model"] == MODEL]
+    rss = sum(p.memory_info().rss for p in psutil.Process().children(recursive=True))
+    return {"backend": backend, "quantization": entry["quantization"], "reason": entry["quantization_reason"],
+            "model_bytes": entry["memory_bytes"], "server_rss_bytes": rss}
+
+
 def single_stream_rows(url: str, backend: str, samples: int) -> list[dict[str, Any]]:
     """TTFT of one stream at a time, per dialect: as the client sees it, and as the server's
     /metrics records it (from request start inside the server to the first token)."""
@@ -104,7 +118,8 @@ def main() -> None:
         root = Path(tmp)
         heads = max(1, args.hidden // 64)  # head size 64: vLLM's CPU attention has kernels for it
         source = build_tiny_llama(root / "model", hidden_size=args.hidden, layers=args.layers,
-                                  intermediate_size=args.hidden * 8 // 3, heads=heads, context=2048)
+                                  intermediate_size=args.hidden * 8 // 3, heads=heads, context=2048,
+                                  dtype=args.dtype)
         install_into_hf_cache(source, root / "hf" / "hub", MODEL)
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -119,6 +134,7 @@ def main() -> None:
                        "concurrency": levels, "reference_concurrency": 8 if 8 in levels else max(levels)},
             "rows": [],
             "single_stream_ttft": [],
+            "memory": [],
         }
         base_env = {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "DATA_DIR": str(root / "data"),
                     "BENTOML_HOME": str(root / "bentoml"), "MAX_BATCH_SIZE": str(max(levels)), "MAX_QUEUE": "256",
@@ -134,8 +150,15 @@ def main() -> None:
             results["rows"] += baseline_rows(backend, "runner", runner, args.max_tokens)
             print(f"{backend}: over HTTP", flush=True)
             with running_server(server_env, root / f"{backend}.log") as url:
-                results["rows"] += http_rows(url, backend, "http", levels, args)
+                dialects = (*DIALECTS, "openai-json") if backend == "vllm" else DIALECTS
+                results["rows"] += http_rows(url, backend, "http", levels, args, dialects)
                 results["single_stream_ttft"] += single_stream_rows(url, backend, args.ttft_samples)
+                results["memory"].append(server_memory(url, backend))
+        if "vllm" in backends:
+            print("vllm: vLLM's own OpenAI server, the same engine settings", flush=True)
+            with vllm_own_server(source, MODEL, server_dtype(source), max(levels), base_env,
+                                 root / "vllm-server.log") as url:
+                results["rows"] += http_rows(url, "vllm", "vllm-server", levels, args, ("openai", "openai-json"))
         if "transformers" in backends:
             print("transformers: one request at a time", flush=True)
             serial_env = {**base_env, "BACKEND": "transformers", "MAX_BATCH_SIZE": "1"}

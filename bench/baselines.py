@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 # vLLM's synchronous LLM in this one process (the server's AsyncLLM always runs its own processes).
 _ENGINE_ENV = {"vllm": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}}
@@ -37,13 +38,27 @@ def run_baseline(engine: str, model: str, prompt: str, max_tokens: int, repeats:
     return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
+def server_dtype(model_dir: Path) -> str:
+    """The dtype the server's precision policy picks for this checkpoint here (e.g. "bfloat16")."""
+    import torch
+
+    from runners.quantization import bf16_cpu_feature, decide_precision
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = decide_precision("auto", weight_bytes=0, threshold_bytes=1, device=device,
+                                 config=json.loads((model_dir / "config.json").read_text()), bnb_available=False,
+                                 bf16_supported=device == "cuda" and torch.cuda.is_bf16_supported(),
+                                 cpu_bf16=bf16_cpu_feature())
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision.mode]
+
+
 def _transformers(model_dir: str, prompt: str, max_tokens: int, repeats: int, ttft_samples: int,
                   batches: list[int]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the server loads
+    dtype = getattr(torch, server_dtype(Path(model_dir)))  # as the server loads it
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
@@ -63,7 +78,7 @@ def _transformers(model_dir: str, prompt: str, max_tokens: int, repeats: int, tt
 def _vllm(model_dir: str, prompt: str, max_tokens: int, repeats: int, ttft_samples: int, batches: list[int]) -> dict:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, enforce_eager=True, seed=0, max_model_len=2048)
+    llm = LLM(model=model_dir, enforce_eager=True, seed=0, max_model_len=2048, dtype=server_dtype(Path(model_dir)))
 
     def generate(batch: int, new_tokens: int) -> float:
         params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0)

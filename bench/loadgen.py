@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
-DIALECTS = ("openai", "ollama")
+DIALECTS = ("openai", "ollama")  # streamed; "openai-json" is the non-streaming OpenAI completion
 
 
 @dataclass
@@ -40,7 +40,11 @@ class LoadResult:
 
 
 def _request(dialect: str, model: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
-    """The streaming request for `dialect`, with a fixed output length (ignore_eos)."""
+    """The request for `dialect` (streaming, or one JSON body for "openai-json"), with a fixed output
+    length (ignore_eos)."""
+    if dialect == "openai-json":
+        return "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                   "ignore_eos": True}
     if dialect == "openai":
         return "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
@@ -64,6 +68,10 @@ def _parse(dialect: str, line: str) -> tuple[bool, int | None]:
 async def _one(client: httpx.AsyncClient, dialect: str, model: str, prompt: str, max_tokens: int) -> RequestTiming:
     path, body = _request(dialect, model, prompt, max_tokens)
     started = time.perf_counter()
+    if not body.get("stream", True):  # one JSON body: its arrival is the first (and every) token's
+        response = await client.post(path, json=body)
+        response.raise_for_status()
+        return RequestTiming(time.perf_counter() - started, [], response.json()["usage"]["completion_tokens"])
     arrivals: list[float] = []
     tokens = 0
     async with client.stream("POST", path, json=body) as response:

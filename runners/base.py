@@ -11,6 +11,8 @@ from runners.local_cache import LocalModel
 from runners.quantization import Precision
 
 FinishReason = Literal["stop", "length", "cancelled"]
+# OpenAI's tool_choice: "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+ToolChoice = str | dict[str, Any]
 
 
 @dataclass
@@ -33,25 +35,55 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class ResponseFormat:
-    """A constraint on the output: any JSON object ("json"), or JSON matching `schema` ("json_schema").
+    """A constraint on the output: any JSON object ("json"), JSON matching `schema` ("json_schema"),
+    or an xgrammar structural tag (`structural_tag`, JSON text: how forced tool calls are enforced).
 
-    Ollama's `format` and OpenAI's `response_format` both map here; runners enforce it while decoding.
+    Ollama's `format`, OpenAI's `response_format` and forced tool choices map here; runners enforce
+    it while decoding.
     """
 
-    kind: Literal["json", "json_schema"]
+    kind: Literal["json", "json_schema", "structural_tag"]
     schema: dict[str, Any] | None = None
+    structural_tag: str | None = None
 
 
 @dataclass
 class GenerationRequest:
-    """Either chat `messages` (rendered with the model's template) or a raw `prompt` used as-is."""
+    """Either chat `messages` (rendered with the model's template) or a raw `prompt` used as-is.
 
-    messages: list[dict[str, str]] | None = None
+    Messages are in the shape Hugging Face chat templates take: `role`, `content`, and on assistant
+    turns `tool_calls` ([{type, function: {name, arguments: dict}}]) and `reasoning_content`; tool
+    results carry `tool_call_id` and/or `name`.
+    """
+
+    messages: list[dict[str, Any]] | None = None
     prompt: str | None = None  # with messages too: the text to use when the model has no chat template
     suffix: str | None = None  # fill-in-the-middle: generate what goes between prompt and suffix
     options: SamplingOptions = field(default_factory=SamplingOptions)
     response_format: ResponseFormat | None = None
     logprobs: int | None = None  # None: none; n >= 0: each token's logprob and its n most likely alternatives
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools: [{type: "function", function: {...}}]
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. enable_thinking, reasoning_effort
+    require_thinking: bool = False  # Ollama's `think`: a model that cannot think is a 400
+    # Chat only: drop the oldest turns to fit the context (Ollama) instead of refusing (OpenAI, vLLM)
+    fit_context: bool = False
+    context_limit: int | None = None  # Ollama's num_ctx: a smaller context than the model's
+
+
+@dataclass
+class PreparedPrompt:
+    """What every engine decodes from: the rendered prompt, its token ids and the output budget.
+
+    Built once per request by runners/prepare.py, whatever the engine.
+    """
+
+    request: GenerationRequest
+    text: str
+    token_ids: list[int]
+    max_new_tokens: int
+    skip_special_tokens: bool = True  # False when the output parser needs marker tokens kept
 
 
 @dataclass
@@ -75,6 +107,55 @@ class Chunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
+    token_ids: list[int] = field(default_factory=list)  # the tokens this chunk's text came from
+
+
+@dataclass
+class ToolCallDelta:
+    """A piece of a tool call as it streams (vLLM's shape): the first piece of call `index` has its
+    `id` and `name`; later pieces add to `arguments` (JSON text)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+    def arguments_object(self) -> Any:
+        """The arguments as a value (Ollama's shape); the raw text if it is not valid JSON."""
+        import json
+
+        try:
+            return json.loads(self.arguments or "{}")
+        except ValueError:
+            return self.arguments
+
+
+@dataclass
+class OutputDelta:
+    """A parsed piece of output: answer text, reasoning text and tool-call pieces, apart."""
+
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    chunk: Chunk | None = None  # the engine's chunk it came from (finish reason, counts, logprobs)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.reasoning or self.tool_calls)
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.chunk.finish_reason if self.chunk else None
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        return self.chunk.logprobs if self.chunk else None
 
 
 class Runner(ABC):
@@ -87,9 +168,12 @@ class Runner(ABC):
         self.precision = precision
         self.device = device
 
+    tokenizer: Any
+    context_length: int  # the most tokens (prompt + output) one sequence can hold
+
     @abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Stream the completion; closing the iterator early cancels the request."""
+    def generate(self, prepared: PreparedPrompt) -> AsyncIterator[Chunk]:
+        """Stream the completion of a prepared prompt; closing the iterator early cancels it."""
 
     @abstractmethod
     async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from errors import ModelLoadFailed, ServerBusy
-from runners.base import Chunk, FinishReason, GenerationRequest, TokenLogprob
+from runners.base import Chunk, FinishReason, PreparedPrompt, TokenLogprob
 from runners.detokenize import IncrementalDecoder, StopMatcher
 from runners.sampling import make_generator, next_token
 from runners.structured import TokenConstraint
@@ -34,32 +34,32 @@ class Sequence:
 
     def __init__(
         self,
-        request: GenerationRequest,
-        prompt_ids: list[int],
-        budget: int,
+        prepared: PreparedPrompt,
         tokenizer: Any,
         eos_ids: frozenset[int],
         device: str,
         constraint: TokenConstraint | None,
         emit: Emit,
     ) -> None:
+        request = prepared.request
         self.request = request
         self.options = request.options
-        self.prompt_ids = prompt_ids
-        self.budget = budget
+        self.prompt_ids = prepared.token_ids
+        self.budget = prepared.max_new_tokens
         self.cancelled = threading.Event()
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._emit = emit
-        self._decoder = IncrementalDecoder(tokenizer)
+        self._decoder = IncrementalDecoder(tokenizer, prepared.skip_special_tokens)
+        self._unsent: list[int] = []  # tokens whose text has not gone out yet
         self._stops = StopMatcher(self.options.stop)
         self._generator = make_generator(self.options, device)
         self._constraint = constraint
         # Log-probabilities of tokens not yet sent: they travel with the next chunk.
         self._pending: list[TokenLogprob] | None = None if request.logprobs is None else []
-        self.context: list[int] = list(prompt_ids)
+        self.context: list[int] = list(self.prompt_ids)
         self.generated: list[int] = []
-        self.last_token: int = prompt_ids[-1]
+        self.last_token: int = self.prompt_ids[-1]
 
     def advance(self, logits: torch.Tensor) -> bool:
         """Consume this sequence's next-token logits row; True when the sequence has finished."""
@@ -74,6 +74,7 @@ class Sequence:
             self._pending.append(self._logprob(logits, token, self.request.logprobs or 0))
         self.context.append(token)
         self.generated.append(token)
+        self._unsent.append(token)
         self.last_token = token
         text, hit_stop = self._stops.feed(self._decoder.push(token))
         if hit_stop or (constraint is not None and constraint.finished):
@@ -98,7 +99,8 @@ class Sequence:
         return True
 
     def _send(self, text: str, **final: Any) -> None:
-        self._emit(Chunk(text, logprobs=self._pending, **final))
+        self._emit(Chunk(text, logprobs=self._pending, token_ids=self._unsent, **final))
+        self._unsent = []
         if self._pending is not None:
             self._pending = []
 

@@ -12,8 +12,9 @@ class IncrementalDecoder:
     tokenizer-specific spacing right; a trailing U+FFFD means an unfinished character, held back.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -21,8 +22,9 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
         decode = self._tokenizer.decode
-        prefix = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        text = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        skip = self._skip_special
+        prefix = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip)
+        text = decode(self._ids[self._prefix_offset :], skip_special_tokens=skip)
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
             return text[len(prefix) :]

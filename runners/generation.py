@@ -1,20 +1,25 @@
-"""One generation, whatever the dialect: lease the model, stream chunks, time and count them.
+"""One generation, whatever the dialect: lease the model, prepare the prompt, stream the parsed
+output, time and count it.
 
 Every endpoint (native /chat, Ollama /api/*, OpenAI /v1/*) starts a Generation and only formats
-what it yields, so errors, timings and token counts are written once.
+what it yields (answer text, reasoning and tool calls apart), so prompt preparation, output
+parsing, errors, timings and token counts are written once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import metrics
-from runners.base import Chunk, FinishReason, GenerationRequest, TokenLogprob
+from runners.base import FinishReason, GenerationRequest, OutputDelta, PreparedPrompt, TokenLogprob, ToolCall
+from runners.output_parsing import OutputParser, merge_tool_calls
 from runners.pool import DEFAULT, KeepAlive, Lease, ModelPool
+from runners.prepare import prepare_prompt
 
 
 @dataclass
@@ -28,14 +33,29 @@ class GenerationStats:
     total_duration_ns: int
 
 
-class Generation:
-    """A started generation. Errors that prevent it (unknown model, failed load) were raised by
-    `start_generation`, before any response byte, so they get a proper status code."""
+@dataclass
+class Completion:
+    """One finished generation: its answer, reasoning, tool calls, per-token logprobs if asked, stats."""
 
-    def __init__(self, model: str, lease: Lease, request: GenerationRequest, started_ns: int) -> None:
+    text: str
+    reasoning: str
+    tool_calls: list[ToolCall]
+    logprobs: list[TokenLogprob] | None
+    stats: GenerationStats
+
+
+class Generation:
+    """A started generation. Errors that prevent it (unknown model, failed load, a prompt that does
+    not fit, tools the model cannot call) were raised by `start_generation`, before any response
+    byte, so they get a proper status code."""
+
+    def __init__(self, model: str, lease: Lease, prepared: PreparedPrompt, parser: OutputParser,
+                 started_ns: int) -> None:
         self.model = model
         self.created_at = datetime.now(timezone.utc)
-        self.request = request
+        self.request = prepared.request
+        self.prepared = prepared
+        self.parser = parser
         self._lease = lease
         self._started_ns = started_ns
         self.stats: GenerationStats | None = None
@@ -44,12 +64,18 @@ class Generation:
     def runner(self):  # noqa: ANN201 - the runner type depends on the backend
         return self._lease.runner
 
-    async def stream(self) -> AsyncIterator[Chunk]:
-        """Yield chunks (the last one has finish_reason and counts); releases the model at the end."""
+    @property
+    def named_tool(self) -> str | None:
+        """The function a named tool_choice forced, if any."""
+        return self.parser.named_tool
+
+    async def stream(self) -> AsyncIterator[OutputDelta]:
+        """Parsed pieces of output (the last one carries the finish reason and counts); releases
+        the model at the end."""
         generate_started = time.perf_counter_ns()
         first_token_ns: int | None = None
         try:
-            async for chunk in self._lease.runner.generate(self.request):
+            async for chunk in self._lease.runner.generate(self.prepared):
                 now = time.perf_counter_ns()
                 if first_token_ns is None and (chunk.text or chunk.finish_reason):
                     first_token_ns = now
@@ -64,19 +90,32 @@ class Generation:
                         total_duration_ns=now - self._started_ns,
                     )
                     metrics.record_generation(self._lease.entry.name, self.stats)
-                yield chunk
+                yield self.parser.feed(chunk)
         finally:
             await self.close()
 
-    async def collect(self) -> tuple[str, GenerationStats]:
-        """Run to the end and return the whole text (for non-streaming responses)."""
-        parts = [chunk.text async for chunk in self.stream()]
-        assert self.stats is not None
-        return "".join(parts), self.stats
+    async def collect(self) -> Completion:
+        """Run to the end (for non-streaming responses): the same parsing as a stream, gathered."""
+        return gather([delta async for delta in self.stream()], self)
 
     async def close(self) -> None:
         """Release the model; safe to call more than once (responses call it on disconnect too)."""
         await self._lease.release()
+
+
+def gather(deltas: list[OutputDelta], generation: Generation) -> Completion:
+    logprobs = [] if generation.request.logprobs is not None else None
+    for delta in deltas:
+        if logprobs is not None and delta.logprobs:
+            logprobs.extend(delta.logprobs)
+    assert generation.stats is not None
+    return Completion(
+        text="".join(d.content for d in deltas),
+        reasoning="".join(d.reasoning for d in deltas),
+        tool_calls=merge_tool_calls([call for d in deltas for call in d.tool_calls]),
+        logprobs=logprobs,
+        stats=generation.stats,
+    )
 
 
 async def start_generation(
@@ -84,16 +123,25 @@ async def start_generation(
 ) -> Generation:
     started = time.perf_counter_ns()
     lease = await pool.acquire(model, keep_alive=keep_alive)
-    return Generation(model, lease, request, started)
+    try:
+        prepared, parser = await asyncio.to_thread(_prepare, model, lease, request)
+    except BaseException:
+        await lease.release()
+        raise
+    return Generation(model, lease, prepared, parser, started)
 
 
-@dataclass
-class Completion:
-    """One finished generation of a group: its whole text, per-token logprobs if asked, and stats."""
-
-    text: str
-    logprobs: list[TokenLogprob] | None
-    stats: GenerationStats
+def _prepare(model: str, lease: Lease, request: GenerationRequest) -> tuple[PreparedPrompt, OutputParser]:
+    """The output parser (which may force a tool call through an output constraint), then the
+    prompt (blocking: templates, tokenizers and the first vLLM parser import are CPU work)."""
+    runner = lease.runner
+    parser = OutputParser(model, lease.entry.parsers, runner.tokenizer, request)
+    if parser.constraint is not None:
+        request = dataclasses.replace(request, response_format=parser.constraint)
+    prepared = prepare_prompt(runner.tokenizer, request, runner.context_length)
+    prepared.skip_special_tokens = parser.skip_special_tokens
+    parser.set_prompt(prepared.token_ids)
+    return prepared, parser
 
 
 class GenerationGroup:
@@ -105,9 +153,9 @@ class GenerationGroup:
         self.created_at = generations[0].created_at
         self._pumps: list[asyncio.Task[None]] = []
 
-    async def stream(self) -> AsyncIterator[tuple[int, Chunk]]:
-        """Chunks in arrival order; each generation's own chunks stay in order."""
-        queue: asyncio.Queue[tuple[int, Chunk | Exception | None]] = asyncio.Queue()
+    async def stream(self) -> AsyncIterator[tuple[int, OutputDelta]]:
+        """Parsed pieces in arrival order; each generation's own pieces stay in order."""
+        queue: asyncio.Queue[tuple[int, OutputDelta | Exception | None]] = asyncio.Queue()
 
         async def pump(index: int, generation: Generation) -> None:
             try:
@@ -133,13 +181,10 @@ class GenerationGroup:
 
     async def collect(self) -> list[Completion]:
         """Run every generation to the end (for non-streaming responses)."""
-        texts: list[list[str]] = [[] for _ in self.generations]
-        logprobs = [[] if g.request.logprobs is not None else None for g in self.generations]
-        async for index, chunk in self.stream():
-            texts[index].append(chunk.text)
-            if chunk.logprobs:
-                logprobs[index].extend(chunk.logprobs)
-        return [Completion("".join(parts), tokens, stats) for parts, tokens, stats in zip(texts, logprobs, self.stats())]
+        deltas: list[list[OutputDelta]] = [[] for _ in self.generations]
+        async for index, delta in self.stream():
+            deltas[index].append(delta)
+        return [gather(pieces, generation) for pieces, generation in zip(deltas, self.generations)]
 
     def stats(self) -> list[GenerationStats]:
         """Each generation's statistics, once all have finished."""

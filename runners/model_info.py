@@ -44,11 +44,14 @@ class ModelInfo:
                 return f"{n / scale:.1f}{unit}"
         return str(n)
 
-    @property
-    def capabilities(self) -> list[str]:
+    def capabilities(self, *, tools: bool, thinking: bool) -> list[str]:
+        """Ollama's capability names, each only where true (tools and thinking: where the output
+        parsers for them were found)."""
         caps = ["completion"]
-        if self.chat_template and "tools" in self.chat_template:
+        if tools:
             caps.append("tools")
+        if thinking:
+            caps.append("thinking")
         if self.fim_tokens:
             caps.append("insert")
         return caps

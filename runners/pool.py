@@ -30,8 +30,17 @@ from errors import ModelCoolingDown, ModelLoadFailed, ModelNotAllowed, ModelNotF
 from runners.backend import BackendChoice, choose_backend, load_runner
 from runners.base import Runner
 from runners.local_cache import LocalModel, find_local
+from runners.model_info import describe
+from runners.output_parsing import ParserChoice, choose_parsers
 from runners.names import ModelRef, parse_model_name
-from runners.quantization import Precision, QuantizeRequest, bitsandbytes_available, decide_precision
+from runners.quantization import (
+    Precision,
+    QuantizeRequest,
+    bf16_cpu_feature,
+    bitsandbytes_available,
+    checkpoint_dtype,
+    decide_precision,
+)
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +68,7 @@ class LoadedModel:
     load_duration_ns: int
     memory_bytes: int
     keep_alive: float | None
+    parsers: ParserChoice  # how its output is split into answer, reasoning and tool calls
     purpose: Purpose = "generate"
     loaded_at: float = field(default_factory=time.time)
     loaded_at_ns: int = field(default_factory=time.perf_counter_ns)
@@ -241,6 +251,7 @@ class ModelPool:
             config=config,
             bnb_available=bitsandbytes_available(),
             bf16_supported=self.device == "cuda" and torch.cuda.is_bf16_supported(),
+            cpu_bf16=bf16_cpu_feature() if self.device == "cpu" else None,
         )
         # In a thread: the first decision imports vLLM (seconds).
         backend = await asyncio.to_thread(
@@ -276,6 +287,7 @@ class ModelPool:
                 load_duration_ns=time.perf_counter_ns() - started,
                 memory_bytes=runner.memory_bytes(),
                 keep_alive=self.settings.keep_alive,
+                parsers=choose_parsers(local.ref.repo_id, describe(local), self.settings),
                 purpose=purpose,
             )
             log.info("loaded %s on %s (%s, %s) in %.2fs", key, backend.name, self.device, precision.mode, entry.load_duration_ns / 1e9)
@@ -348,8 +360,7 @@ class ModelPool:
 
 def _estimate_bytes(local: LocalModel, mode: str, config: dict) -> int:
     """Memory a load will take, from the checkpoint size and the target precision."""
-    stored = config.get("torch_dtype") or config.get("dtype") or "float32"
-    params = local.weight_bytes / _CHECKPOINT_BYTES.get(str(stored), 4)
+    params = local.weight_bytes / _CHECKPOINT_BYTES.get(checkpoint_dtype(config), 4)
     return int(params * _TARGET_BYTES.get(mode, 0) or local.weight_bytes)
 
 

@@ -60,11 +60,15 @@ class GrammarCache:
                     self._tokenizer, vocab_size=self._vocab_size, stop_token_ids=self._stop_token_ids
                 )
                 self._compiler = xgrammar.GrammarCompiler(info)
-        schema, strict = _grammar_args(response_format)
         try:
-            compiled = self._compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=strict)
+            if response_format.kind == "structural_tag":  # forced tool calls, built by vLLM's tool parsers
+                compiled = self._compiler.compile_structural_tag(response_format.structural_tag)
+            else:
+                schema, strict = _grammar_args(response_format)
+                compiled = self._compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=strict)
         except (RuntimeError, ValueError) as exc:
-            raise InvalidRequest(f"unsupported JSON schema: {str(exc).strip()}", param="response_format") from exc
+            param = "tools" if response_format.kind == "structural_tag" else "response_format"
+            raise InvalidRequest(f"unsupported JSON schema: {str(exc).strip()}", param=param) from exc
         return TokenConstraint(xgrammar.GrammarMatcher(compiled), self._vocab_size)
 
 

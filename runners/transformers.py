@@ -14,10 +14,9 @@ from typing import Any
 import torch
 
 from errors import InvalidRequest, ServerBusy
-from runners.base import Chunk, GenerationRequest, Runner
+from runners.base import Chunk, PreparedPrompt, Runner
 from runners.batching import BatchScheduler, Emit, Sequence
 from runners.local_cache import LocalModel
-from runners.prompt import render_prompt
 from runners.quantization import Precision
 from runners.structured import GrammarCache
 
@@ -76,9 +75,15 @@ class TransformersRunner(Runner):
         if "device_map" not in kwargs:
             hf_model.to(device)
         hf_model.eval()
-        return cls(model, precision, device, hf_model, tokenizer, max_batch_size, max_queue)
+        runner = cls(model, precision, device, hf_model, tokenizer, max_batch_size, max_queue)
+        # Everything alive now (the model's modules, transformers' and torch's own objects) is long
+        # lived: frozen, the cyclic collector stops re-scanning it, so the full collections the
+        # decode loop's garbage triggers take milliseconds instead of stalling every stream.
+        gc.collect()
+        gc.freeze()
+        return runner
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, prepared: PreparedPrompt) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
 
@@ -87,8 +92,8 @@ class TransformersRunner(Runner):
 
         if self._embeds_running or self._embeds_waiting:
             self._admit()  # the scheduler counts only generations; with embeddings in flight, count all
-        # Tokenizing and compiling a grammar happen here, so their errors reach this request only.
-        sequence = await asyncio.to_thread(self._sequence, request, emit)
+        # Compiling a grammar happens here, so its errors reach this request only.
+        sequence = await asyncio.to_thread(self._sequence, prepared, emit)
         self._scheduler.submit(sequence)
         try:
             while True:
@@ -101,13 +106,10 @@ class TransformersRunner(Runner):
         finally:
             sequence.cancelled.set()
 
-    def _sequence(self, request: GenerationRequest, emit: Emit) -> Sequence:
-        prompt_ids = self._encode(render_prompt(self.tokenizer, request), special_tokens=False, reserve=1)
-        room = self.context_length - len(prompt_ids)
-        max_tokens = request.options.max_tokens
-        budget = room if max_tokens is None else min(max_tokens, room)
-        constraint = self._grammars.matcher(request.response_format) if request.response_format else None
-        return Sequence(request, prompt_ids, budget, self.tokenizer, self._eos_ids, self.device, constraint, emit)
+    def _sequence(self, prepared: PreparedPrompt, emit: Emit) -> Sequence:
+        response_format = prepared.request.response_format
+        constraint = self._grammars.matcher(response_format) if response_format else None
+        return Sequence(prepared, self.tokenizer, self._eos_ids, self.device, constraint, emit)
 
     def queue_depth(self) -> int:
         return self._scheduler.queue_depth() + self._embeds_waiting
@@ -179,6 +181,7 @@ class TransformersRunner(Runner):
     def unload(self) -> None:
         self._scheduler.close()
         del self._hf_model
+        gc.unfreeze()  # frozen objects are never collected: the model's cycles must become collectable again
         release_memory(self.device)
 
 

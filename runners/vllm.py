@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from errors import InvalidRequest, ServerBusy, ServerError
-from runners.base import Chunk, FinishReason, GenerationRequest, ResponseFormat, Runner, TokenLogprob
+from runners.base import Chunk, FinishReason, PreparedPrompt, ResponseFormat, Runner, TokenLogprob
 from runners.local_cache import LocalModel
-from runners.prompt import render_prompt
 from runners.quantization import Precision
 from settings import Settings
 
@@ -54,6 +53,7 @@ class VllmRunner(Runner):
         self._max_batch_size, self._max_queue = settings.max_batch_size, settings.max_queue
         self._requests = 0  # running and waiting in the engine
         self.tokenizer = engine.get_tokenizer()  # thread-safe: vLLM routes calls through a pool
+        self.context_length = engine.model_config.max_model_len
 
     @classmethod
     def load(
@@ -79,7 +79,7 @@ class VllmRunner(Runner):
             memory = sum(_rss(p) for p in processes)
         return cls(model, precision, device, engine, processes, memory, settings)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, prepared: PreparedPrompt) -> AsyncIterator[Chunk]:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import tokens_input
 
@@ -90,21 +90,23 @@ class VllmRunner(Runner):
                 retry_after=1,
             )
         self._requests += 1
+        request, ids = prepared.request, prepared.token_ids
         completion_tokens = 0
         try:
-            text, ids = await asyncio.to_thread(self._encode, request)
-            params = sampling_params(request, room=self.engine.model_config.max_model_len - len(ids))
+            params = sampling_params(prepared)
             # Closing this stream early (the client went away) makes vLLM abort the request in the
             # engine: no tokens are generated for nobody.
-            async with aclosing(self.engine.generate(tokens_input(ids, prompt=text), params, uuid.uuid4().hex)) as outputs:
+            inputs = tokens_input(ids, prompt=prepared.text)
+            async with aclosing(self.engine.generate(inputs, params, uuid.uuid4().hex)) as outputs:
                 async for output in outputs:
                     out = output.outputs[0]
                     completion_tokens += len(out.token_ids)
                     logprobs = None
                     if request.logprobs is not None:
                         logprobs = convert_logprobs(out.token_ids, out.logprobs or [], request.logprobs)
+                    token_ids = list(out.token_ids)
                     if not output.finished:
-                        yield Chunk(out.text, logprobs=logprobs)
+                        yield Chunk(out.text, logprobs=logprobs, token_ids=token_ids)
                         continue
                     yield Chunk(
                         out.text,
@@ -112,25 +114,13 @@ class VllmRunner(Runner):
                         prompt_tokens=len(output.prompt_token_ids or ids),
                         completion_tokens=completion_tokens,
                         logprobs=logprobs,
+                        token_ids=token_ids,
                     )
                     return
         except VLLMClientError as exc:  # the request itself is wrong (a parameter out of range, a bad schema)
             raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from exc
         finally:
             self._requests -= 1
-
-    def _encode(self, request: GenerationRequest) -> tuple[str, list[int]]:
-        """The prompt text (rendered as for every engine) and its token ids, refused (400) unless
-        at least one token fits after it. Blocking: runs in a thread."""
-        text = render_prompt(self.tokenizer, request)
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:  # an empty prompt still needs a token to start from, as in the transformers runner
-            tok = self.tokenizer
-            ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id or 0]
-        context = self.engine.model_config.max_model_len
-        if len(ids) + 1 > context:
-            raise InvalidRequest(f"input is {len(ids)} tokens; the model's context is {context} tokens")
-        return text, ids
 
     async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
         # Never reached through the pool, which embeds with a transformers runner of the same weights.
@@ -185,7 +175,7 @@ def engine_args(
     )
 
 
-def sampling_params(request: GenerationRequest, room: int) -> SamplingParams:
+def sampling_params(prepared: PreparedPrompt) -> SamplingParams:
     """The request's options as vLLM's SamplingParams, one to one.
 
     `repeat_last_n` has no vLLM counterpart: vLLM's repetition penalty covers the whole context.
@@ -193,9 +183,11 @@ def sampling_params(request: GenerationRequest, room: int) -> SamplingParams:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    request = prepared.request
     options = request.options
     return SamplingParams(
-        max_tokens=room if options.max_tokens is None else min(options.max_tokens, room),
+        max_tokens=prepared.max_new_tokens,
+        skip_special_tokens=prepared.skip_special_tokens,
         temperature=options.temperature,
         top_p=options.top_p,
         top_k=options.top_k,
@@ -219,6 +211,8 @@ def _structured_outputs(response_format: ResponseFormat | None) -> StructuredOut
         return None
     if response_format.kind == "json":
         return StructuredOutputsParams(json_object=True)
+    if response_format.kind == "structural_tag":
+        return StructuredOutputsParams(structural_tag=response_format.structural_tag)
     return StructuredOutputsParams(json=response_format.schema)
 
 

@@ -34,5 +34,9 @@ def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path: Path
     assert single["samples"] == 3 and 0 < single["server_mean_ms"] <= single["http_mean_ms"]
     assert {t["target"].split(":")[0] for t in results["targets"]} == {"transformers"}
     assert "| target | measured | met |" in done.stdout and "server-side mean ms" in done.stdout
+    [memory] = results["memory"]  # the model's precision and size as the server reports them, and its RSS
+    assert memory["backend"] == "transformers" and memory["quantization"] in ("bf16", "fp32")
+    assert 0 < memory["model_bytes"] < memory["server_rss_bytes"]
+    assert "| backend | loaded as | model MiB | server processes RSS MiB |" in done.stdout
     [plot] = tmp_path.glob("bench-*.png")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -45,8 +45,8 @@ async def model_pool(install_model, *models: tuple[Path, str]) -> AsyncIterator[
 
 
 async def generate(pool: ModelPool, model: str, request: GenerationRequest) -> tuple[str, str]:
-    text, stats = await (await start_generation(pool, model, request)).collect()
-    return text, stats.finish_reason
+    done = await (await start_generation(pool, model, request)).collect()
+    return done.text, done.stats.finish_reason
 
 
 async def test_json_schema_constrains_every_sample(install_model, tiny_llama_dir: Path) -> None:

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from runners.backend import choose_backend
-from runners.quantization import Precision
+from runners.quantization import Precision, bf16_cpu_feature
 from tests.conftest import UNREACHABLE_HUB, chat_body, service_asgi_app
 from tests.support.server_process import free_port, running_server
 from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
@@ -40,7 +40,8 @@ def vllm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Both models in a private HF cache, and every folder vLLM writes to inside the test's own."""
     root = tmp_path_factory.mktemp("vllm")
     # head size 32: vLLM's CPU attention has no kernel for the default tiny llama's 16.
-    small = build_tiny_llama(root / "small", hidden_size=128)
+    # bf16, as most Hub checkpoints: on a CPU with native bf16 vLLM runs it in bf16.
+    small = build_tiny_llama(root / "small", hidden_size=128, dtype="bfloat16")
     config = json.loads((small / "config.json").read_text())
     (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": CONTEXT}))
     large = build_tiny_llama(root / "large", hidden_size=128, layers=4)
@@ -157,6 +158,9 @@ class TestBackendVllm:
         assert entry["backend"] == "vllm" and entry["backend_reason"].startswith("BACKEND=vllm")
         [loaded] = httpx.get(f"{url}/status").json()["loaded_models"]
         assert loaded["backend"] == "vllm" and loaded["memory_bytes"] > 0
+        expected = "bf16" if bf16_cpu_feature() else "fp32"  # the checkpoint is bf16
+        assert entry["quantization"] == expected
+        assert str(running_engine().model_config.dtype) == {"bf16": "torch.bfloat16", "fp32": "torch.float32"}[expected]
 
     def test_generate_streams_deltas_as_produced(self, url: str) -> None:
         body = {"model": SMALL, "prompt": "tell me a story", "options": {"num_predict": 24, "temperature": 0}}

@@ -68,7 +68,70 @@ def _corpus(lines: int = 6000, seed: int = 0) -> Iterator[str]:
         yield sentence
 
 
-def build_tokenizer(dst: Path, chat_template: bool, fill_in_middle: bool = True) -> None:
+# A Qwen2.5/Qwen3-style template (Hermes tool calls in <tool_call> tags, <think> reasoning with an
+# enable_thinking switch), in this tokenizer's role tokens. The markup is what real templates teach.
+# A Qwen2.5/Qwen3-style template: ChatML turns, Hermes tool calls in <tool_call> tags, <think>
+# reasoning with an enable_thinking switch. The markup is what the real templates teach.
+HERMES_TEMPLATE = (
+        "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n# Tools\\nYou may call functions. Signatures:\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\nReturn each call as <tool_call>\\n{\"name\": <name>, \"arguments\": <args>}\\n</tool_call>'"
+    " + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' and message.get('reasoning_content') -%}"
+    "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- endif -%}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{%- set fn = call['function'] -%}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' -}}"
+    "{{- (fn['arguments'] if fn['arguments'] is string else fn['arguments'] | tojson) + '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+HERMES_TOKENS = (
+    "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+)
+
+# A Llama-3.1-style JSON tool template: calls are a JSON object after <|python_tag|>, tool results
+# come back in the ipython role.
+LLAMA31_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- if tools -%}"
+    "{{- '<|system|>\\nEnvironment: ipython\\nRespond with a JSON function call {\"name\": function name, "
+    "\"parameters\": dictionary of arguments}. Functions:' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- eos_token + '\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- set role = 'ipython' if message['role'] == 'tool' else message['role'] -%}"
+    "{{- '<|' + ('tool' if role == 'ipython' else role) + '|>\\n' -}}"
+    "{%- if message.get('tool_calls') -%}"
+    "{%- for call in message['tool_calls'] -%}{%- set fn = call['function'] -%}"
+    "{{- '<|python_tag|>{\"name\": \"' + fn['name'] + '\", \"parameters\": ' -}}"
+    "{{- (fn['arguments'] if fn['arguments'] is string else fn['arguments'] | tojson) + '}' -}}"
+    "{%- endfor -%}"
+    "{%- elif message['content'] is string -%}{{- message['content'] -}}{%- endif -%}"
+    "{{- eos_token + '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+LLAMA31_TOKENS = ("<|python_tag|>",)
+
+
+def build_tokenizer(dst: Path, chat_template: bool | str, fill_in_middle: bool = True,
+                    extra_tokens: tuple[str, ...] = ()) -> None:
     """Train a byte-level BPE tokenizer (~2k tokens) and save it as a `PreTrainedTokenizerFast` in `dst`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -84,6 +147,11 @@ def build_tokenizer(dst: Path, chat_template: bool, fill_in_middle: bool = True)
         show_progress=False,
     )
     backend.train_from_iterator(_corpus(), trainer=trainer)
+    if extra_tokens:  # markup tokens that stay in decoded text (not special), as in Qwen's vocabulary
+        from tokenizers import AddedToken
+
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
+    template = chat_template if isinstance(chat_template, str) else CHAT_TEMPLATE if chat_template else None
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS,
@@ -91,7 +159,7 @@ def build_tokenizer(dst: Path, chat_template: bool, fill_in_middle: bool = True)
         pad_token=PAD,
         unk_token=UNK,
         additional_special_tokens=[*ROLE_TOKENS, *(FIM_TOKENS if fill_in_middle else ())],
-        chat_template=CHAT_TEMPLATE if chat_template else None,
+        chat_template=template,
         model_max_length=512,
     )
     tokenizer.save_pretrained(dst)
@@ -103,14 +171,19 @@ def _load_tokenizer(dst: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(dst)
 
 
-def _save_seeded(dst: Path, config: PreTrainedConfig, model_class: type[PreTrainedModel], seed: int) -> None:
-    """Instantiate `model_class(config)` under a private seeded RNG and save it (safetensors + generation config)."""
+def _save_seeded(
+    dst: Path, config: PreTrainedConfig, model_class: type[PreTrainedModel], seed: int, dtype: str | None = None
+) -> None:
+    """Instantiate `model_class(config)` under a private seeded RNG and save it (safetensors + generation config),
+    in `dtype` (e.g. "bfloat16", as most Hub checkpoints are) or float32."""
     import torch
     from transformers import GenerationConfig
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
+    if dtype is not None:
+        model.to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
@@ -118,13 +191,16 @@ def _save_seeded(dst: Path, config: PreTrainedConfig, model_class: type[PreTrain
 
 
 def build_tiny_llama(
-    dst: Path, *, seed: int = 0, chat_template: bool = True, hidden_size: int = 64, layers: int = 2,
-    context: int = 512, intermediate_size: int = 128, heads: int = 4,
+    dst: Path, *, seed: int = 0, chat_template: bool | str = True, hidden_size: int = 64, layers: int = 2,
+    context: int = 512, intermediate_size: int = 128, heads: int = 4, extra_tokens: tuple[str, ...] = (),
+    dtype: str | None = None,
 ) -> Path:
-    """A random-weight `LlamaForCausalLM` with its own tokenizer in `dst`; returns `dst`."""
+    """A random-weight `LlamaForCausalLM` with its own tokenizer in `dst`, saved in `dtype` (float32 when
+    None); returns `dst`. `chat_template` may be a template of its own (e.g. HERMES_TEMPLATE with
+    HERMES_TOKENS)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    build_tokenizer(dst, chat_template)
+    build_tokenizer(dst, chat_template, extra_tokens=extra_tokens)
     tok = _load_tokenizer(dst)
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -138,7 +214,7 @@ def build_tiny_llama(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    _save_seeded(dst, config, LlamaForCausalLM, seed)
+    _save_seeded(dst, config, LlamaForCausalLM, seed, dtype)
     return dst
 
 
