@@ -86,11 +86,15 @@ def sample_pool(pool: ModelPool, previous: set[str]) -> set[str]:
     series = _series()
     loaded = pool.loaded()
     series.loaded.set(len(loaded))
-    names = set()
-    for entry in loaded:
-        names.add(entry.name)
-        series.running.labels(entry.name).set(entry.runner.batch_size())
-        series.waiting.labels(entry.name).set(entry.runner.queue_depth())
+    running: dict[str, int] = {}
+    waiting: dict[str, int] = {}
+    for entry in loaded:  # a model's embedding runner counts under the model's name
+        running[entry.name] = running.get(entry.name, 0) + entry.runner.batch_size()
+        waiting[entry.name] = waiting.get(entry.name, 0) + entry.runner.queue_depth()
+    names = set(running)
+    for name in names:
+        series.running.labels(name).set(running[name])
+        series.waiting.labels(name).set(waiting[name])
     for gone in previous - names:
         series.running.labels(gone).set(0)
         series.waiting.labels(gone).set(0)

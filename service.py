@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import bentoml  # noqa: E402
 
 from api.app import create_app  # noqa: E402
+from api.request_id import install_log_filter  # noqa: E402
 from runtime import Runtime  # noqa: E402
 from settings import Settings, load_settings  # noqa: E402
 from supervision import exit_with_parent  # noqa: E402
@@ -84,6 +85,7 @@ def _image_envs(settings: Settings) -> list[dict[str, str]]:
 class AIServer:
     def __init__(self) -> None:
         exit_with_parent()  # BentoML's worker has a session of its own: a killed supervisor leaves it
+        install_log_filter()  # BentoML has configured the worker's logging by now
         self.runtime = Runtime(load_settings())
         app.state.runtime = self.runtime
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import get_runtime
+from api.errors import stream_error
 from api.ollama import ChatPieces, final_stats
 from api.ollama_schemas import Message as OllamaMessage
 from api.ollama_schemas import Think, thinking_switches
@@ -79,7 +80,7 @@ async def _sse_events(
                 message = {k: v for k, v in fields["message"].items() if k != "role" and v != ""}
                 yield sse_event({"delta": message, "done": False})
     except Exception as exc:  # after the first byte the status is sent: report in-band
-        yield sse_event({"error": str(exc), "done": True})
+        yield stream_error(exc, "native")
         return
     assert generation.stats is not None
     yield sse_event({"delta": {}, "done": True, **final_stats(generation.stats)})

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from api.deps import get_runtime
+from api.errors import stream_error
 from api.ollama_schemas import (
     ChatRequest,
     CopyRequest,
@@ -36,7 +37,7 @@ from runners.local_cache import LocalModel, copy_model, delete_model, find_local
 from runners.model_info import ModelInfo, describe
 from runners.names import parse_model_name
 from runners.output_parsing import choose_parsers, merge_tool_calls
-from runners.pool import KeepAlive, LoadedModel
+from runners.pool import KeepAlive, LoadedModel, Purpose
 from runtime import Runtime
 
 router = APIRouter(tags=["ollama"], route_class=StrictJSONRoute)
@@ -210,7 +211,7 @@ async def _respond(model: str, generation: Generation, stream: bool, pieces: Cha
                 if fields is not None:
                     yield _line({"model": model, "created_at": _now(), **fields, "done": False})
         except Exception as exc:  # the status is sent: Ollama reports late errors as a last line
-            yield _line({"error": str(exc)})
+            yield stream_error(exc, "ollama")
             return
         assert generation.stats is not None
         yield _line({"model": model, "created_at": _now(), **pieces.empty(), "done": True,
@@ -223,14 +224,16 @@ def _line(payload: dict[str, Any]) -> str:
     return json.dumps(payload) + "\n"
 
 
-async def _load_or_unload(runtime: Runtime, model: str, keep_alive: KeepAlive, empty: dict) -> JSONResponse:
+async def _load_or_unload(
+    runtime: Runtime, model: str, keep_alive: KeepAlive, empty: dict, purpose: Purpose = "generate"
+) -> JSONResponse:
     """Ollama's convention: no prompt loads the model; no prompt with keep_alive 0 unloads it."""
     await _local_or_404(model)
     if keep_alive == 0:
         await runtime.pool.unload(model)
         reason = "unload"
     else:
-        lease = await runtime.pool.acquire(model, keep_alive=keep_alive)
+        lease = await runtime.pool.acquire(model, keep_alive=keep_alive, purpose=purpose)
         await lease.release()
         reason = "load"
     return JSONResponse({"model": model, "created_at": _now(), **empty, "done": True, "done_reason": reason})
@@ -252,7 +255,7 @@ async def embed_texts(body: EmbedRequest, runtime: Runtime = Depends(get_runtime
 @router.post("/api/embeddings")
 async def legacy_embeddings(body: LegacyEmbeddingsRequest, runtime: Runtime = Depends(get_runtime)) -> dict:
     if not body.prompt:
-        await _load_or_unload(runtime, body.model, body.keep_alive_seconds(), {})
+        await _load_or_unload(runtime, body.model, body.keep_alive_seconds(), {}, purpose="embed")
         return {"embedding": []}
     result = await embed(runtime.pool, body.model, [body.prompt], truncate=True, keep_alive=body.keep_alive_seconds())
     return {"embedding": result.vectors[0]}

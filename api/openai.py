@@ -18,11 +18,11 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from api.deps import get_runtime
-from api.errors import openai_error
+from api.errors import stream_error
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, GenerationParams
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
 from api.strict_json import StrictJSONRoute
-from errors import InvalidRequest, ModelNotFound, ServerError
+from errors import InvalidRequest, ModelNotFound
 from runners import structured
 from runners.base import GenerationRequest, OutputDelta, ResponseFormat, SamplingOptions, TokenLogprob, ToolCallDelta
 from runners.embedding import embed
@@ -296,9 +296,7 @@ async def _stream_events(
             for line in events_of(index, piece):
                 yield line
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream, then stop
-        error = (openai_error(exc.message, exc.error_type, exc.param) if isinstance(exc, ServerError)
-                 else openai_error(f"{type(exc).__name__}: {exc}", "server_error"))
-        yield sse_event(error)
+        yield stream_error(exc, "openai")
         return
     if include_usage:
         yield event(usage=_usage(group.stats(), n))

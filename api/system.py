@@ -35,6 +35,7 @@ async def status(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
         "loaded_models": [
             {
                 "model": e.name,
+                "purpose": e.purpose,  # "embed": the transformers runner embedding for a model generating on vLLM
                 "backend": e.backend.name,
                 "backend_reason": e.backend.reason,
                 "quantization": e.runner.precision.mode,

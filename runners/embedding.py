@@ -1,6 +1,7 @@
 """Embeddings, whatever the dialect: lease the model, embed, release, time it.
 
 Ollama's /api/embed and OpenAI's /v1/embeddings both call `embed` and only format the result.
+The pool hands out a runner that can embed whichever engine generates with the model.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ async def embed(
     pool: ModelPool, model: str, texts: list[str], *, truncate: bool = False, keep_alive: KeepAlive = DEFAULT
 ) -> Embeddings:
     started = time.perf_counter_ns()
-    lease = await pool.acquire(model, keep_alive=keep_alive)
+    lease = await pool.acquire(model, keep_alive=keep_alive, purpose="embed")
     try:
         vectors, tokens = await lease.runner.embed(texts, truncate)
     finally:

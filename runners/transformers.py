@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from errors import InvalidRequest
+from errors import InvalidRequest, ServerBusy
 from runners.base import Chunk, PreparedPrompt, Runner
 from runners.batching import BatchScheduler, Emit, Sequence
 from runners.collector import ChunkCollector
@@ -51,6 +51,12 @@ class TransformersRunner(Runner):
         self._eos_ids = frozenset(eos_ids)
         self._grammars = GrammarCache(tokenizer, config.get_text_config().vocab_size, sorted(self._eos_ids))
         self._scheduler = BatchScheduler(hf_model, model.ref.name, max_batch_size, max_queue)
+        self._max_batch_size, self._max_queue = max_batch_size, max_queue
+        # Embeddings: one batch of texts in the model at a time (more would only compete for the same
+        # cores or GPU, and slow the decode loop); the others wait, counted with the generations.
+        self._embedding = asyncio.Lock()
+        self._embeds_running = 0
+        self._embeds_waiting = 0
 
     @classmethod
     def load(
@@ -96,6 +102,8 @@ class TransformersRunner(Runner):
     async def generate(self, prepared: PreparedPrompt) -> AsyncIterator[Chunk]:
         output = ChunkCollector()  # bounded: chunks a slow reader has not taken merge into one
 
+        if self._embeds_running or self._embeds_waiting:
+            self._admit()  # the scheduler counts only generations; with embeddings in flight, count all
         # Compiling a grammar happens here, so its errors reach this request only.
         sequence = await asyncio.to_thread(self._sequence, prepared, output.put)
         self._scheduler.submit(sequence)
@@ -114,10 +122,21 @@ class TransformersRunner(Runner):
         return Sequence(prepared, self.tokenizer, self._eos_ids, self.device, constraint, emit)
 
     def queue_depth(self) -> int:
-        return self._scheduler.queue_depth()
+        return self._scheduler.queue_depth() + self._embeds_waiting
 
     def batch_size(self) -> int:
-        return self._scheduler.batch_size()
+        return self._scheduler.batch_size() + self._embeds_running
+
+    def _admit(self) -> None:
+        """Refuse (503) a request once MAX_BATCH_SIZE + MAX_QUEUE are running or waiting, generations
+        and embeddings together: the limit generation alone has in the scheduler."""
+        running, waiting = self.batch_size(), self.queue_depth()
+        if running + waiting >= self._max_batch_size + self._max_queue:
+            raise ServerBusy(
+                f"server busy: model '{self.model.ref.name}' is running {running} requests with {waiting} waiting "
+                f"(MAX_BATCH_SIZE={self._max_batch_size}, MAX_QUEUE={self._max_queue}); try again shortly",
+                retry_after=1,
+            )
 
     def _encode(self, text: str, *, special_tokens: bool, reserve: int, truncate: bool = False) -> list[int]:
         """Token ids of one input, cut to fit (`truncate`) or refused (400) unless `reserve` more
@@ -133,7 +152,19 @@ class TransformersRunner(Runner):
         return ids
 
     async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
-        return await asyncio.to_thread(self._embed, texts, truncate)
+        """Admitted like a generation (503 beyond MAX_BATCH_SIZE + MAX_QUEUE); run one at a time."""
+        self._admit()
+        self._embeds_waiting += 1
+        try:
+            await self._embedding.acquire()
+        finally:
+            self._embeds_waiting -= 1
+        self._embeds_running += 1
+        try:
+            return await asyncio.to_thread(self._embed, texts, truncate)
+        finally:
+            self._embeds_running -= 1
+            self._embedding.release()
 
     @torch.inference_mode()
     def _embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:

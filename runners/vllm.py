@@ -122,10 +122,8 @@ class VllmRunner(Runner):
             self._requests -= 1
 
     async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
-        raise InvalidRequest(
-            f"model '{self.model.ref.name}' runs on vLLM's generation engine, which cannot embed; "
-            "set BACKEND=transformers to embed with it"
-        )
+        # Never reached through the pool, which embeds with a transformers runner of the same weights.
+        raise InvalidRequest(f"model '{self.model.ref.name}' runs on vLLM's generation engine, which cannot embed")
 
     def batch_size(self) -> int:
         """Requests decoding now: vLLM runs up to MAX_BATCH_SIZE (its max_num_seqs) at once."""

@@ -99,6 +99,21 @@ def in_process_server(env: dict[str, str]) -> Iterator[str]:
             thread.join(timeout=120)
 
 
+def reference_embeddings(path: str, texts: list[str]) -> list[list[float]]:
+    """What /api/embed means, computed here with transformers alone: the mean of the last hidden
+    states over each text's tokens, L2-normalized."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, dtype=torch.float32)
+    vectors = []
+    with torch.inference_mode():
+        for text in texts:
+            hidden = model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
+            vectors.append(torch.nn.functional.normalize(hidden.mean(dim=0), dim=-1).tolist())
+    return vectors
+
+
 def running_engine() -> AsyncLLM:
     from service import app
 
@@ -213,6 +228,33 @@ class TestBackendVllm:
             busy = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=120)
         assert busy.status_code == 503 and "MAX_BATCH_SIZE=2, MAX_QUEUE=0" in busy.json()["error"]["message"]
 
+    def test_embeddings_of_a_model_generating_on_vllm(self, url: str) -> None:
+        """vLLM's generation engine cannot embed: a transformers runner of the same weights does,
+        beside the engine, in the pool's memory accounting, without evicting the engine."""
+        texts = ["the sky is blue", "grass is green"]
+        ollama = httpx.post(f"{url}/api/embed", json={"model": SMALL, "input": texts}, timeout=120)
+        assert ollama.status_code == 200, ollama.text
+        vectors = ollama.json()["embeddings"]
+        [embedder] = [e for e in httpx.get(f"{url}/status").json()["loaded_models"] if e["purpose"] == "embed"]
+        # The reference computes in float32; a runner in bf16 (on CPUs with AVX512-BF16) differs by its rounding.
+        tolerance = 1e-4 if embedder["quantization"] == "fp32" else 5e-3
+        for vector, expected in zip(vectors, reference_embeddings(model_entry(url, SMALL)["local_path"], texts), strict=True):
+            assert vector == pytest.approx(expected, abs=tolerance)
+        openai = httpx.post(f"{url}/v1/embeddings", json={"model": SMALL, "input": texts, "encoding_format": "float"},
+                            timeout=120)
+        assert openai.status_code == 200, openai.text
+        assert openai.json()["usage"]["prompt_tokens"] == ollama.json()["prompt_eval_count"] > 0
+        for d, vector in zip(openai.json()["data"], vectors, strict=True):
+            assert d["embedding"] == pytest.approx(vector, abs=1e-6)
+
+        status = httpx.get(f"{url}/status").json()
+        entries = {e["purpose"]: e for e in status["loaded_models"] if e["model"] == SMALL}
+        assert entries["generate"]["backend"] == "vllm" and entries["embed"]["backend"] == "transformers"
+        assert "vLLM's generation engine cannot embed" in entries["embed"]["backend_reason"]
+        assert status["memory_in_use_bytes"] == sum(e["memory_bytes"] for e in status["loaded_models"])
+        chat = httpx.post(f"{url}/api/chat", json=chat_body(SMALL, stream=False, options={"num_predict": 2}), timeout=120)
+        assert chat.status_code == 200 and model_entry(url, SMALL)["backend"] == "vllm"
+
     def test_backend_vllm_refuses_a_model_vllm_cannot_run(self, url: str) -> None:
         r = httpx.post(f"{url}/api/chat", json=chat_body(LARGE, stream=False), timeout=120)
         assert r.status_code == 500
@@ -243,6 +285,18 @@ class TestBackendAuto:
         entry = model_entry(url, SMALL)
         assert entry["backend"] == "vllm"
         assert entry["backend_reason"] == "BACKEND=auto: vLLM supports LlamaForCausalLM on cpu"
+        assert engine_processes()
+
+    def test_auto_embeds_with_every_model(self, url: str) -> None:
+        """Under the default settings a model vLLM generates with embeds too (Open WebUI's retrieval,
+        litellm and ollama-js `embed` need it), and the engine stays loaded beside its embedder
+        although MAX_CACHE_MODELS=1: they are one model."""
+        r = httpx.post(f"{url}/api/embed", json={"model": SMALL, "input": "the sky is blue"}, timeout=180)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["embeddings"][0]) == 128
+        loaded = httpx.get(f"{url}/status").json()["loaded_models"]
+        assert sorted((e["model"], e["purpose"], e["backend"]) for e in loaded) == [
+            (SMALL, "embed", "transformers"), (SMALL, "generate", "vllm")]
         assert engine_processes()
 
     def test_auto_falls_back_with_a_reason_and_eviction_ends_the_engine(self, url: str) -> None:
