@@ -281,8 +281,10 @@ def _model_entry(local: LocalModel) -> dict[str, Any]:
 
 
 @router.get("/api/tags")
-async def tags() -> dict[str, Any]:
-    return {"models": await asyncio.to_thread(lambda: [_model_entry(m) for m in list_local()])}
+async def tags(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
+    # `replica`: not Ollama's; says which replica answered when several share a model cache.
+    return {"models": await asyncio.to_thread(lambda: [_model_entry(m) for m in list_local()]),
+            "replica": runtime.jobs.owner}
 
 
 @router.post("/api/show")
@@ -319,7 +321,7 @@ def _model_info(info: ModelInfo, local: LocalModel) -> dict[str, Any]:
 
 @router.get("/api/ps")
 async def running(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
-    return {"models": [_running_entry(entry) for entry in runtime.pool.loaded()]}
+    return {"models": [_running_entry(entry) for entry in runtime.pool.loaded()], "replica": runtime.jobs.owner}
 
 
 def _running_entry(entry: LoadedModel) -> dict[str, Any]:

@@ -24,6 +24,7 @@ def _installed(module: str) -> bool:
 async def status(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     pool = runtime.pool
     return {
+        "replica": runtime.jobs.owner,  # host/pid/id: which replica answered
         "vllm_available": vllm_available(),
         "transformers_available": _installed("transformers"),
         "bitsandbytes_available": bitsandbytes_available(),

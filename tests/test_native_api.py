@@ -113,6 +113,8 @@ def test_models_lists_cache_with_loaded_state(client, hf_hub_cache: Path) -> Non
 def test_status_health_and_diag(client) -> None:
     client.post("/chat", json=chat_body(LLAMA, max_tokens=1))
     status = client.get("/status").json()
+    replica = status["replica"]  # which replica answered, the same name its pull jobs carry as owner
+    assert replica and client.get("/api/ps").json()["replica"] == replica == client.get("/api/tags").json()["replica"]
     assert status["transformers_available"] is True and status["hf_hub_available"] is True
     assert isinstance(status["vllm_available"], bool) and isinstance(status["bitsandbytes_available"], bool)
     assert status["cache_size"] == 1 and status["cached_models"] == [LLAMA]
