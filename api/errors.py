@@ -1,7 +1,7 @@
 """Error responses in each dialect's own format.
 
-`/v1/*` answers with OpenAI's error object; everything else (native and Ollama) with
-`{"error": "..."}`, which is what Ollama clients parse.
+`/v1/messages*` answers with Anthropic's error object, the rest of `/v1/*` with OpenAI's; everything
+else (native and Ollama) with `{"error": "..."}`, which is what Ollama clients parse.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ def error_response(
     retry_after: float | None = None,
 ) -> JSONResponse:
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after else None
-    if request.url.path.startswith("/v1"):
+    if request.url.path.startswith("/v1/messages"):  # Anthropic's Messages API
+        from api.anthropic_schemas import anthropic_error
+
+        body = anthropic_error(status, message)
+    elif request.url.path.startswith("/v1"):
         body = openai_error(message, error_type or _OPENAI_TYPES.get(status, "server_error"), param)
     else:
         body = {"error": message}
