@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     # Per-model overrides of the parsers picked from the chat template (vLLM's names; "none" turns one off).
     tool_call_parsers: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     reasoning_parsers: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # How long stored OpenAI Responses (`store: true`) are kept for `previous_response_id` and GET.
+    responses_retention: float = Field(30 * 86400.0, gt=0, description="seconds a stored response is kept")
 
     @field_validator("model_q4_threshold_bytes", "model_memory_budget_bytes", mode="before")
     @classmethod
@@ -100,6 +102,14 @@ class Settings(BaseSettings):
     @classmethod
     def _keep_alive_duration(cls, value: object) -> float | None:
         return None if value is None else parse_duration(value)  # type: ignore[arg-type]
+
+    @field_validator("responses_retention", mode="before")
+    @classmethod
+    def _retention_duration(cls, value: object) -> float:
+        seconds = parse_duration(value)  # type: ignore[arg-type]
+        if seconds is None:
+            raise ValueError("must be a positive duration (e.g. '720h'): stored responses cannot be kept forever")
+        return seconds
 
     @field_validator("trust_remote_code_models", "api_keys", mode="before")
     @classmethod
@@ -137,6 +147,7 @@ class Settings(BaseSettings):
             "max_queue": self.max_queue,
             "tool_call_parsers": self.tool_call_parsers,
             "reasoning_parsers": self.reasoning_parsers,
+            "responses_retention_seconds": self.responses_retention,
         }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api import jobs, native, ollama, openai, system
+from api import anthropic, jobs, native, ollama, openai, responses, system
 from api.auth import ApiKeyMiddleware
 from api.errors import install_error_handlers
 from api.request_metrics import RequestMetricsMiddleware
@@ -15,6 +15,6 @@ def create_app() -> FastAPI:
     app.add_middleware(ApiKeyMiddleware)
     app.add_middleware(RequestMetricsMiddleware)  # added last: outermost, so refused requests count too
     install_error_handlers(app)
-    for module in (native, system, jobs, ollama, openai):
+    for module in (native, system, jobs, ollama, openai, anthropic, responses):
         app.include_router(module.router)
     return app
