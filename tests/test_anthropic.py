@@ -194,10 +194,10 @@ def test_api_keys_accept_x_api_key_and_bearer(serve, install_model, tiny_llama_d
 class TestOnVllm:
     @pytest.fixture(scope="class")
     def url(self, tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path):
-        from tests.support.vllm_env import vllm_server_env
+        from tests.support.server_env import in_process_env
         from tests.test_vllm import in_process_server
 
-        with in_process_server(vllm_server_env(tmp_path_factory.mktemp("vllm-anthropic"), {QWEN: qwen_dir})) as url:
+        with in_process_server(in_process_env(tmp_path_factory.mktemp("vllm-anthropic"), {QWEN: qwen_dir}, "vllm")) as url:
             yield url
 
     def test_text_and_forced_tool_use(self, url: str) -> None:

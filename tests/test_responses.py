@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -202,3 +203,72 @@ def test_json_schema_text_format(client) -> None:
     assert response.status == "completed"
     assert isinstance(json.loads(response.output_text)["ok"], bool)
     assert response.text.format.type == "json_schema"
+
+
+# -- on a real socket: the OpenAI Agents SDK, and the vLLM engine -------------------------------------
+
+def run_weather_agent(url: str) -> None:
+    """One agent with one function tool: the call is forced (tool_choice="required") and the run
+    ends on it (stop_on_first_tool), so the tool's own return value is the final output."""
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)  # traces would go to OpenAI's servers
+    calls: list[tuple[str, bool]] = []
+
+    @function_tool
+    def get_weather(city: Literal["Paris", "Rome", "Oslo"], metric: bool) -> str:
+        """The weather in a city."""
+        calls.append((city, metric))
+        return f"sunny in {city}"
+
+    model = OpenAIResponsesModel(model=QWEN, openai_client=AsyncOpenAI(base_url=f"{url}/v1", api_key="unused",
+                                                                       timeout=180, max_retries=0))
+    agent = Agent(name="weather", instructions="Answer with the tool.", model=model, tools=[get_weather],
+                  model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=80),
+                  tool_use_behavior="stop_on_first_tool")
+    result = Runner.run_sync(agent, "Weather in Rome?")
+    assert len(calls) == 1 and calls[0][0] in ("Paris", "Rome", "Oslo") and isinstance(calls[0][1], bool)
+    assert result.final_output == f"sunny in {calls[0][0]}"
+
+
+class TestAgentsSdk:
+    @pytest.fixture(scope="class")
+    def url(self, tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path):
+        from tests.support.server_env import in_process_env
+        from tests.test_vllm import in_process_server
+
+        env = in_process_env(tmp_path_factory.mktemp("agents"), {QWEN: qwen_dir}, "transformers")
+        with in_process_server(env) as url:
+            yield url
+
+    def test_agent_calls_its_function_tool(self, url: str) -> None:
+        run_weather_agent(url)
+
+
+class TestOnVllm:
+    @pytest.fixture(scope="class")
+    def url(self, tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path):
+        from tests.support.server_env import in_process_env
+        from tests.test_vllm import in_process_server
+
+        with in_process_server(in_process_env(tmp_path_factory.mktemp("vllm-responses"), {QWEN: qwen_dir}, "vllm")) as url:
+            yield url
+
+    def test_stream_forced_call_previous_response_and_agent(self, url: str) -> None:
+        import httpx
+        from openai import OpenAI
+
+        api = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=180, max_retries=0)
+        events = list(api.responses.create(model=QWEN, input="Hi", max_output_tokens=6, stream=True,
+                                           reasoning={"effort": "none"}))
+        assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+        first = events[-1].response
+        assert first.usage.output_tokens > 0
+        called = api.responses.create(model=QWEN, input="Weather?", tools=TOOLS, tool_choice="required",
+                                      parallel_tool_calls=False, max_output_tokens=80, previous_response_id=first.id)
+        [call] = [item for item in called.output if item.type == "function_call"]
+        assert_valid_call(call.name, call.arguments)
+        assert called.usage.input_tokens > first.usage.input_tokens  # the first turn is in the prompt
+        run_weather_agent(url)
+        assert httpx.get(f"{url}/models").json()["models"][0]["backend"] == "vllm"
