@@ -168,7 +168,8 @@ async def _events(generation: Generation, pieces: AsyncIterator[OutputDelta], me
     (a ping after the first start), message_delta with the stop reason and usage, message_stop.
     A failure after the first byte becomes an in-band `error` event."""
     prompt_tokens = len(generation.prepared.token_ids)
-    start = {**_message_head(message_id, generation.model), "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}
+    usage = {"input_tokens": prompt_tokens, "output_tokens": 0}
+    start = {**_message_head(message_id, generation.model), "usage": usage}
     yield _event("message_start", {"message": start})
     blocks, called = _Blocks(), False
     try:

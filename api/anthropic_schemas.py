@@ -211,7 +211,8 @@ def _assistant_turn(message: MessageParam) -> dict[str, Any]:
         elif isinstance(block, ThinkingBlock):
             thoughts.append(block.thinking)
         elif isinstance(block, ToolUseBlock):
-            calls.append({"id": block.id, "type": "function", "function": {"name": block.name, "arguments": block.input}})
+            function = {"name": block.name, "arguments": block.input}
+            calls.append({"id": block.id, "type": "function", "function": function})
         elif isinstance(block, ToolResultBlock):
             raise InvalidRequest("tool_result blocks belong in a user message", param="messages")
     turn: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}

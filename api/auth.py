@@ -28,8 +28,8 @@ class ApiKeyMiddleware:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             token = token if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
             if keys and not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
-                response = error_response(request, 401, "missing or invalid API key (Authorization: Bearer <key>, or x-api-key: <key>)",
-                                          error_type="authentication_error")
+                message = "missing or invalid API key (Authorization: Bearer <key>, or x-api-key: <key>)"
+                response = error_response(request, 401, message, error_type="authentication_error")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

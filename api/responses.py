@@ -99,7 +99,7 @@ async def _response_format(body: ResponsesRequest) -> ResponseFormat | None:
     fmt = body.text.format if body.text else None
     if fmt is None or fmt.type == "text":
         return None
-    response_format = ResponseFormat("json_schema", fmt.schema_) if fmt.type == "json_schema" else ResponseFormat("json")
+    response_format = ResponseFormat("json_schema", fmt.schema_) if fmt.schema_ is not None else ResponseFormat("json")
     await asyncio.to_thread(structured.validate, response_format)
     return response_format
 
@@ -198,7 +198,9 @@ class _Response:
         if stats is not None:
             status = "incomplete" if stats.finish_reason == "length" else "completed"
             incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
-        fmt = body.text.format.model_dump(by_alias=True, exclude_none=True) if body.text and body.text.format else {"type": "text"}
+        fmt = {"type": "text"}
+        if body.text and body.text.format:
+            fmt = body.text.format.model_dump(by_alias=True, exclude_none=True)
         usage = None
         if stats is not None:
             usage = {"input_tokens": stats.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},

@@ -158,12 +158,14 @@ def input_items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]
         elif kind == "function_call":
             call_id, name = _required(item, "call_id", index), _required(item, "name", index)
             names[call_id] = name
-            assistant_turn().setdefault("tool_calls", []).append(
-                {"id": call_id, "type": "function", "function": {"name": name, "arguments": _arguments(item.get("arguments"))}})
+            function = {"name": name, "arguments": _arguments(item.get("arguments"))}
+            call = {"id": call_id, "type": "function", "function": function}
+            assistant_turn().setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
             call_id = _required(item, "call_id", index)
             output = item.get("output", "")
-            message = {"role": "tool", "tool_call_id": call_id, "content": output if isinstance(output, str) else _text(output, index)}
+            content = output if isinstance(output, str) else _text(output, index)
+            message = {"role": "tool", "tool_call_id": call_id, "content": content}
             if call_id in names:
                 message["name"] = names[call_id]
             out.append(message)
@@ -181,8 +183,8 @@ def _text(content: Any, index: int) -> str:
     texts = []
     for part in content or []:
         if part.get("type") not in ("input_text", "output_text", "text", "refusal"):
-            raise InvalidRequest(f"input[{index}]: content parts of type {part.get('type')!r} are not supported; only text",
-                                 param=f"input[{index}]")
+            raise InvalidRequest(f"input[{index}]: content parts of type {part.get('type')!r} are not supported; "
+                                 "only text", param=f"input[{index}]")
         texts.append(part.get("text") or part.get("refusal") or "")
     return "".join(texts)
 
@@ -190,7 +192,8 @@ def _text(content: Any, index: int) -> str:
 def _required(item: dict[str, Any], field: str, index: int) -> str:
     value = item.get(field)
     if not isinstance(value, str) or not value:
-        raise InvalidRequest(f"input[{index}]: {item.get('type')} items need `{field}`", param=f"input[{index}].{field}")
+        raise InvalidRequest(f"input[{index}]: {item.get('type')} items need `{field}`",
+                             param=f"input[{index}].{field}")
     return value
 
 

@@ -45,7 +45,8 @@ class ResponseStore:
     def add(self, row: StoredResponse) -> None:
         """Keep `row`, and drop the rows past retention."""
         with Session(self.engine) as session:
-            session.exec(delete(StoredResponse).where(col(StoredResponse.created_at) < self._cutoff()))  # type: ignore[call-overload]
+            expired = delete(StoredResponse).where(col(StoredResponse.created_at) < self._cutoff())
+            session.exec(expired)  # type: ignore[call-overload]
             session.add(row)
             session.commit()
 

@@ -15,12 +15,11 @@ import httpx
 import pytest
 
 from tests.support.fixtures import TINY_LLAMA
-from tests.support.tool_models import (  # noqa: F401 - qwen_dir is a fixture
+from tests.support.tool_models import (
     QWEN,
     SCHEMAS,
     WEATHER,
     assert_valid_call,
-    qwen_dir,
     rendered_length,
 )
 
@@ -65,7 +64,8 @@ def test_stream_text_and_events_in_anthropics_order(client) -> None:
         final = stream.get_final_message()
     assert text and final.content[0].text == text
     assert final.usage.output_tokens == 8 and final.stop_reason == "max_tokens"
-    assert final.usage.input_tokens == api.messages.count_tokens(model=TINY_LLAMA, messages=kwargs["messages"]).input_tokens
+    counted = api.messages.count_tokens(model=TINY_LLAMA, messages=kwargs["messages"])
+    assert final.usage.input_tokens == counted.input_tokens
 
     with client.stream("POST", "/v1/messages", json={**kwargs, **GREEDY, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -197,7 +197,8 @@ class TestOnVllm:
         from tests.support.server_env import in_process_env
         from tests.test_vllm import in_process_server
 
-        with in_process_server(in_process_env(tmp_path_factory.mktemp("vllm-anthropic"), {QWEN: qwen_dir}, "vllm")) as url:
+        env = in_process_env(tmp_path_factory.mktemp("vllm-anthropic"), {QWEN: qwen_dir}, "vllm")
+        with in_process_server(env) as url:
             yield url
 
     def test_text_and_forced_tool_use(self, url: str) -> None:

@@ -14,12 +14,10 @@ from typing import Literal
 import pytest
 
 from tests.support.fixtures import TINY_LLAMA
-from tests.support.tool_models import (  # noqa: F401 - qwen_dir is a fixture
+from tests.support.tool_models import (
     QWEN,
     SCHEMAS,
-    WEATHER,
     assert_valid_call,
-    qwen_dir,
     rendered_length,
 )
 
@@ -134,7 +132,8 @@ def test_previous_response_id_survives_a_restart(serve_models, tiny_llama_dir: P
     # Instructions do not carry over: the third turn's prompt has the conversation but no system message.
     third = api.responses.create(model=TINY_LLAMA, input="Again?", previous_response_id=second.id,
                                  max_output_tokens=1)
-    history = history[1:] + [{"role": "assistant", "content": second.output_text}, {"role": "user", "content": "Again?"}]
+    history = [*history[1:], {"role": "assistant", "content": second.output_text},
+               {"role": "user", "content": "Again?"}]
     assert third.usage.input_tokens == rendered_length(tiny_llama_dir, history)
 
 
@@ -170,10 +169,10 @@ def test_retention_bounds_what_is_kept(serve_models) -> None:
         api.responses.retrieve(old.id)
     fresh = api.responses.create(model=TINY_LLAMA, input="hi", max_output_tokens=2)  # writing prunes the old row
     assert api.responses.retrieve(fresh.id).id == fresh.id
-    from service import app
+    from sqlmodel import Session
 
     from jobs.responses_store import StoredResponse
-    from sqlmodel import Session
+    from service import app
 
     with Session(app.state.runtime.responses.engine) as session:
         assert session.get(StoredResponse, old.id) is None
@@ -252,7 +251,8 @@ class TestOnVllm:
         from tests.support.server_env import in_process_env
         from tests.test_vllm import in_process_server
 
-        with in_process_server(in_process_env(tmp_path_factory.mktemp("vllm-responses"), {QWEN: qwen_dir}, "vllm")) as url:
+        env = in_process_env(tmp_path_factory.mktemp("vllm-responses"), {QWEN: qwen_dir}, "vllm")
+        with in_process_server(env) as url:
             yield url
 
     def test_stream_forced_call_previous_response_and_agent(self, url: str) -> None:

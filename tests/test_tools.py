@@ -21,14 +21,13 @@ from runners.output_parsing import OutputParser, choose_parsers, merge_tool_call
 from settings import Settings
 from tests.conftest import chat_body
 from tests.support.fixtures import TINY_LLAMA
-from tests.support.tiny_models import LLAMA31_TEMPLATE, LLAMA31_TOKENS, build_tiny_llama
-from tests.support.tool_models import (  # noqa: F401 - qwen_dir is a fixture
+from tests.support.tiny_models import HERMES_TEMPLATE, LLAMA31_TEMPLATE, LLAMA31_TOKENS, build_tiny_llama
+from tests.support.tool_models import (
     CLOCK,
     QWEN,
     WEATHER,
     WEATHER_SCHEMA,
     assert_valid_call,
-    qwen_dir,
     rendered_length,
 )
 

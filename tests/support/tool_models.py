@@ -11,11 +11,8 @@ import json
 from pathlib import Path
 
 import jsonschema
-import pytest
 
-from .tiny_models import HERMES_TEMPLATE, HERMES_TOKENS, build_tiny_llama
-
-QWEN = "test-org/tiny-qwen-tools"  # Hermes tool calls and <think> reasoning, as Qwen2.5/Qwen3
+QWEN = "test-org/tiny-qwen-tools"  # the qwen_dir fixture's model: Hermes tool calls and <think> reasoning
 WEATHER_SCHEMA = {
     "type": "object",
     "properties": {"city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]}, "metric": {"type": "boolean"}},
@@ -23,16 +20,10 @@ WEATHER_SCHEMA = {
 }
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                              "parameters": WEATHER_SCHEMA}}
-TIME_SCHEMA = {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"]}
+TIME_SCHEMA = {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+               "required": ["zone"]}
 CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time", "parameters": TIME_SCHEMA}}
 SCHEMAS = {"get_weather": WEATHER_SCHEMA, "get_time": TIME_SCHEMA}
-
-
-@pytest.fixture(scope="session")
-def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # hidden 128 (head size 32): vLLM's CPU attention has kernels for it
-    return build_tiny_llama(tmp_path_factory.mktemp("qwen"), chat_template=HERMES_TEMPLATE,
-                            extra_tokens=HERMES_TOKENS, hidden_size=128, seed=1)
 
 
 def assert_valid_call(name: str, arguments: str | dict) -> dict:
