@@ -152,6 +152,29 @@ def test_thinking_turns_the_template_switch_and_streams_thinking_blocks(client, 
     assert off.usage.input_tokens == rendered_length(qwen_dir, messages, enable_thinking=False)
 
 
+def test_claude_code_request_shape(client) -> None:
+    """The body Claude Code sends (system and text blocks with cache_control, JSON-Schema-draft
+    tool schemas, metadata, beta headers, streaming, tool_choice left to the model), raw."""
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+              "additionalProperties": False, "properties": {"command": {"type": "string", "description": "The command to run"},
+                             "timeout": {"type": "number"}}, "required": ["command"]}
+    body = {
+        "model": QWEN, "max_tokens": 16, "stream": True, "temperature": 1,
+        "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "<system-reminder>context</system-reminder>"},
+            {"type": "text", "text": "list the files", "cache_control": {"type": "ephemeral"}}]}],
+        "tools": [{"name": "Bash", "description": "Run a shell command", "input_schema": schema}],
+        "metadata": {"user_id": "user_abc_account__session_123"},
+    }
+    headers = {"anthropic-version": "2023-06-01", "x-api-key": "unused",
+               "anthropic-beta": "claude-code-20250219,fine-grained-tool-streaming-2025-05-14"}
+    with client.stream("POST", "/v1/messages?beta=true", json=body, headers=headers) as r:
+        assert r.status_code == 200, r.read()
+        names = [line.removeprefix("event: ") for line in r.iter_lines() if line.startswith("event: ")]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"] and "error" not in names
+
+
 def test_errors_are_in_anthropics_shape(client) -> None:
     import anthropic
 

@@ -115,6 +115,14 @@ def test_named_function_streams_name_first_then_arguments(client) -> None:
     assert done.arguments == arguments and all(e.item_id == added.item.id for e in deltas)
     assert events[-1].type == "response.completed" and events[-1].response.output[0].arguments == arguments
 
+    # The SDK's stream helper rebuilds the response from the events (and checks their identities).
+    with sdk(client).responses.stream(model=QWEN, input="time?", tools=TOOLS, max_output_tokens=60,
+                                      tool_choice={"type": "function", "name": "get_time"}) as stream:
+        final = stream.get_final_response()
+    [call] = final.output
+    assert call.type == "function_call" and call.name == "get_time"
+    assert_valid_call("get_time", call.arguments)
+
 
 def test_previous_response_id_survives_a_restart(serve_models, tiny_llama_dir: Path) -> None:
     api = sdk(serve_models())
@@ -206,9 +214,11 @@ def test_json_schema_text_format(client) -> None:
 
 # -- on a real socket: the OpenAI Agents SDK, and the vLLM engine -------------------------------------
 
-def run_weather_agent(url: str) -> None:
+def run_weather_agent(url: str, streamed: bool = False) -> None:
     """One agent with one function tool: the call is forced (tool_choice="required") and the run
     ends on it (stop_on_first_tool), so the tool's own return value is the final output."""
+    import asyncio
+
     from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
     from openai import AsyncOpenAI
 
@@ -226,7 +236,16 @@ def run_weather_agent(url: str) -> None:
     agent = Agent(name="weather", instructions="Answer with the tool.", model=model, tools=[get_weather],
                   model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=80),
                   tool_use_behavior="stop_on_first_tool")
-    result = Runner.run_sync(agent, "Weather in Rome?")
+    if streamed:
+        async def run_streamed():  # noqa: ANN202 - the SDK's RunResultStreaming
+            result = Runner.run_streamed(agent, "Weather in Rome?")
+            kinds = [event.type async for event in result.stream_events()]
+            assert "raw_response_event" in kinds and "run_item_stream_event" in kinds
+            return result
+
+        result = asyncio.run(run_streamed())
+    else:
+        result = Runner.run_sync(agent, "Weather in Rome?")
     assert len(calls) == 1 and calls[0][0] in ("Paris", "Rome", "Oslo") and isinstance(calls[0][1], bool)
     assert result.final_output == f"sunny in {calls[0][0]}"
 
@@ -243,6 +262,9 @@ class TestAgentsSdk:
 
     def test_agent_calls_its_function_tool(self, url: str) -> None:
         run_weather_agent(url)
+
+    def test_streamed_agent_run(self, url: str) -> None:
+        run_weather_agent(url, streamed=True)
 
 
 class TestOnVllm:
