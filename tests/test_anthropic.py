@@ -155,9 +155,9 @@ def test_thinking_turns_the_template_switch_and_streams_thinking_blocks(client, 
 def test_claude_code_request_shape(client) -> None:
     """The body Claude Code sends (system and text blocks with cache_control, JSON-Schema-draft
     tool schemas, metadata, beta headers, streaming, tool_choice left to the model), raw."""
+    properties = {"command": {"type": "string", "description": "The command to run"}, "timeout": {"type": "number"}}
     schema = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
-              "additionalProperties": False, "properties": {"command": {"type": "string", "description": "The command to run"},
-                             "timeout": {"type": "number"}}, "required": ["command"]}
+              "additionalProperties": False, "properties": properties, "required": ["command"]}
     body = {
         "model": QWEN, "max_tokens": 16, "stream": True, "temperature": 1,
         "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
