@@ -1,4 +1,5 @@
-"""OpenAI's Responses API: POST /v1/responses (JSON and SSE), GET and DELETE /v1/responses/{id}.
+"""OpenAI's Responses API: POST /v1/responses (JSON and SSE), GET and DELETE /v1/responses/{id},
+GET /v1/responses/{id}/input_items.
 
 What the OpenAI Agents SDK and newer OpenAI clients speak. The input (with the stored conversation
 of `previous_response_id` before it) becomes chat messages and runs the shared generation path;
@@ -15,14 +16,14 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
 from api.deps import get_runtime
 from api.errors import openai_error
-from api.responses_schemas import ResponsesRequest
+from api.responses_schemas import ResponsesRequest, input_items
 from api.streaming import SSE_MEDIA_TYPE, started_stream, stream_generation
 from errors import NotFound, ServerError
 from jobs.responses_store import StoredResponse
@@ -67,7 +68,8 @@ async def create_response(body: ResponsesRequest, runtime: Runtime = Depends(get
     async def finish() -> None:
         if body.store:
             row = StoredResponse(id=response.id, model=body.model, previous_response_id=body.previous_response_id,
-                                 response=response.snapshot(), conversation=conversation + response.messages())
+                                 response=response.snapshot(), conversation=conversation + response.messages(),
+                                 input_items=input_items(body.input))
             await asyncio.to_thread(runtime.responses.add, row)
 
     if body.stream:
@@ -85,6 +87,26 @@ async def retrieve_response(response_id: str, runtime: Runtime = Depends(get_run
     if row is None:
         raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
     return row.response
+
+
+@router.get("/responses/{response_id}/input_items")
+async def list_input_items(
+    response_id: str, runtime: Runtime = Depends(get_runtime), order: Literal["asc", "desc"] = "desc",
+    limit: int = Query(20, ge=1, le=100), after: str | None = None,
+) -> dict[str, Any]:
+    """The input items of a stored response (not those of the responses before it), a page at a time."""
+    row = await asyncio.to_thread(runtime.responses.get, response_id)
+    if row is None:
+        raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
+    items = row.input_items if order == "asc" else row.input_items[::-1]
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise NotFound(f"Input item with id '{after}' not found.", param="after")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
 
 @router.delete("/responses/{response_id}")

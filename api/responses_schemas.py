@@ -9,6 +9,7 @@ that only steer OpenAI's platform (`user`, `metadata`, `service_tier`, `include`
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -121,6 +122,25 @@ class ResponsesRequest(BaseModel):
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
         return input_items_to_messages(self.input)
+
+
+_ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def input_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The input as the items GET /v1/responses/{id}/input_items lists: typed, with ids, text as parts."""
+    raw = [{"role": "user", "content": value}] if isinstance(value, str) else value
+    items = []
+    for item in raw:
+        item = {"type": "message", **item} if "type" not in item else dict(item)
+        if item["type"] == "message":
+            if isinstance(item.get("content"), str):
+                part = "output_text" if item.get("role") == "assistant" else "input_text"
+                item["content"] = [{"type": part, "text": item["content"]}]
+            item.setdefault("status", "completed")
+        item.setdefault("id", f"{_ITEM_ID_PREFIXES.get(item['type'], 'item')}_{uuid.uuid4().hex}")
+        items.append(item)
+    return items
 
 
 def input_items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ class StoredResponse(SQLModel, table=True):
     previous_response_id: str | None = None
     response: dict[str, Any] = Field(sa_type=JSON)  # the response object as GET /v1/responses/{id} shows it
     conversation: list[dict[str, Any]] = Field(sa_type=JSON)  # chat messages up to and including its output
+    input_items: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON)  # this request's input, as items
 
 
 class ResponseStore:

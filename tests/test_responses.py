@@ -102,6 +102,23 @@ def test_forced_function_call_then_its_output(client, qwen_dir: Path) -> None:
     assert second.usage.input_tokens == rendered_length(qwen_dir, expected, tools=tools)
 
 
+def test_input_items_of_a_stored_response(client) -> None:
+    api = sdk(client)
+    items = [{"role": "user", "content": "Weather in Oslo?"},
+             {"type": "function_call", "call_id": "call_1", "name": "get_time", "arguments": '{"zone": "UTC"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "noon"}]
+    response = api.responses.create(model=QWEN, input=items, tools=TOOLS, max_output_tokens=2)
+    listed = api.responses.input_items.list(response.id, order="asc")
+    assert [item.type for item in listed.data] == ["message", "function_call", "function_call_output"]
+    assert listed.data[0].content[0].type == "input_text" and listed.data[0].content[0].text == "Weather in Oslo?"
+    assert listed.data[1].call_id == "call_1" and listed.data[2].output == "noon"
+    newest_first = api.responses.input_items.list(response.id, limit=2)
+    assert [item.id for item in newest_first.data] == [listed.data[2].id, listed.data[1].id]
+    assert newest_first.has_more
+    rest = api.responses.input_items.list(response.id, limit=2, after=newest_first.last_id)
+    assert [item.id for item in rest.data] == [listed.data[0].id] and not rest.has_more
+
+
 def test_named_function_streams_name_first_then_arguments(client) -> None:
     stream = sdk(client).responses.create(model=QWEN, input="time?", tools=TOOLS, max_output_tokens=60, stream=True,
                                           tool_choice={"type": "function", "name": "get_time"})
