@@ -74,8 +74,11 @@ async def create_response(body: ResponsesRequest, runtime: Runtime = Depends(get
 
     if body.stream:
         return stream_generation(generation, _events(response, pieces, finish), SSE_MEDIA_TYPE)
-    async for piece in pieces:
-        response.feed(piece)
+    try:
+        async for piece in pieces:
+            response.feed(piece)
+    finally:
+        await generation.close()  # also when the client went away mid-generation
     response.close()
     await finish()
     return JSONResponse(response.snapshot())
