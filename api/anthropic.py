@@ -135,9 +135,12 @@ class _Blocks:
     def close(self) -> list[str]:
         if self.open_kind is None:
             return []
+        # Anthropic ends a thinking block with its signature; there is none here (signatures are
+        # Anthropic's own, and ignored when clients send them back), so it is empty.
+        events = [self._delta({"type": "signature_delta", "signature": ""})] if self.open_kind == "thinking" else []
         self.open_kind, self.open_call = None, None
         self.count += 1
-        return [_event("content_block_stop", {"index": self.count - 1})]
+        return [*events, _event("content_block_stop", {"index": self.count - 1})]
 
     def _delta(self, delta: dict[str, Any]) -> str:
         return _event("content_block_delta", {"index": self.count, "delta": delta})

@@ -145,8 +145,8 @@ def test_thinking_turns_the_template_switch_and_streams_thinking_blocks(client, 
     # The template leaves reasoning open, so the model's first tokens are read as thinking.
     assert final.content[0].type == "thinking" and final.content[0].thinking
     deltas = [e.delta for e in events if e.type == "content_block_delta" and e.index == 0]
-    assert {d.type for d in deltas} == {"thinking_delta"}
-    assert "".join(d.thinking for d in deltas) == final.content[0].thinking
+    assert {d.type for d in deltas[:-1]} == {"thinking_delta"} and deltas[-1].type == "signature_delta"
+    assert "".join(d.thinking for d in deltas[:-1]) == final.content[0].thinking
 
     off = api.messages.create(model=QWEN, max_tokens=2, messages=messages)
     assert off.usage.input_tokens == rendered_length(qwen_dir, messages, enable_thinking=False)
