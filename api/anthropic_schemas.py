@@ -80,6 +80,14 @@ class ToolParam(BaseModel):
     type: Literal["custom"] | None = None
     cache_control: dict[str, Any] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _client_tools_only(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") not in (None, "custom"):
+            raise ValueError(f"tools of type {value['type']!r} (Anthropic's server tools) are not supported by "
+                             "this server: only client tools with an input_schema")
+        return value
+
 
 class ToolChoiceParam(BaseModel):
     type: Literal["auto", "any", "tool", "none"]

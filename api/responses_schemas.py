@@ -24,6 +24,13 @@ class FunctionTool(BaseModel):
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _functions_only(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") != "function":
+            raise ValueError(f"tools of type {value.get('type')!r} are not supported by this server: only 'function'")
+        return value
+
 
 class NamedFunctionChoice(BaseModel):
     type: Literal["function"]

@@ -192,6 +192,9 @@ def test_errors_are_in_anthropics_shape(client) -> None:
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
     with pytest.raises(anthropic.BadRequestError):
         api.messages.create(model=TINY_LLAMA, max_tokens=4, messages=[{"role": "user", "content": [image]}])
+    with pytest.raises(anthropic.BadRequestError, match="server tools"):
+        api.messages.create(model=QWEN, max_tokens=4, tools=[{"type": "web_search_20250305", "name": "web_search"}],
+                            messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(anthropic.BadRequestError, match="not one of `tools`"):
         api.messages.create(model=QWEN, max_tokens=4, tools=TOOLS, tool_choice={"type": "tool", "name": "nope"},
                             messages=[{"role": "user", "content": "hi"}])

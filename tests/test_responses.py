@@ -216,6 +216,7 @@ def test_bad_requests_are_openai_400s(client) -> None:
         api.responses.create(model=QWEN, input="hi", tools=TOOLS, tool_choice={"type": "function", "name": "nope"})
     r = client.post("/v1/responses", json={"model": TINY_LLAMA, "input": "hi", "tools": [{"type": "web_search"}]})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "'web_search' are not supported" in r.json()["error"]["message"]
 
 
 def test_json_schema_text_format(client) -> None:
