@@ -329,17 +329,10 @@ def test_parser_overrides_per_model() -> None:
 class TestOnVllm:
     @pytest.fixture(scope="class")
     def url(self, tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path):
-        from tests.conftest import UNREACHABLE_HUB
-        from tests.support.tiny_models import install_into_hf_cache
+        from tests.support.server_env import in_process_env
         from tests.test_vllm import in_process_server
 
-        root = tmp_path_factory.mktemp("vllm-tools")
-        install_into_hf_cache(qwen_dir, root / "hf" / "hub", QWEN)
-        (root / "rpc").mkdir()
-        env = {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, "DATA_DIR": str(root / "data"),
-               "BACKEND": "vllm", "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
-               "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "VLLM_RPC_BASE_PATH": str(root / "rpc"),
-               "VLLM_LOGGING_LEVEL": "WARNING"}
+        env = in_process_env(tmp_path_factory.mktemp("vllm-tools"), {QWEN: qwen_dir}, "vllm")
         with in_process_server(env) as url:
             yield url
 

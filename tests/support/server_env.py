@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .tiny_models import install_into_hf_cache
 
-UNREACHABLE_HUB = "http://127.0.0.1:9"
+UNREACHABLE_HUB = "http://127.0.0.1:9"  # as tests/conftest.py: models never come from the network
 
 
 def in_process_env(root: Path, models: dict[str, Path], backend: str, **extra: str) -> dict[str, str]:
