@@ -162,6 +162,20 @@ def test_previous_response_id_survives_a_restart(serve_models, tiny_llama_dir: P
     assert third.usage.input_tokens == rendered_length(tiny_llama_dir, history)
 
 
+def test_replicas_share_conversations_through_database_url(serve_models, tmp_path: Path) -> None:
+    """Two servers (one after the other: one service per test process) with their own data folders
+    and one DATABASE_URL (a shared SQLite file standing in for the Postgres a deployment would
+    use): a conversation begun on one continues on the other."""
+    shared = {"DATABASE_URL": f"sqlite:///{tmp_path / 'shared' / 'ai-server.db'}"}
+    first = sdk(serve_models(DATA_DIR=str(tmp_path / "replica-a"), **shared)).responses.create(
+        model=TINY_LLAMA, input="hi", max_output_tokens=2)
+    other = sdk(serve_models(DATA_DIR=str(tmp_path / "replica-b"), **shared))
+    second = other.responses.create(model=TINY_LLAMA, input="again", previous_response_id=first.id,
+                                    max_output_tokens=2)
+    assert second.usage.input_tokens > first.usage.input_tokens
+    assert other.responses.retrieve(first.id).id == first.id
+
+
 def test_store_false_retrieve_and_delete(client) -> None:
     from openai import NotFoundError
 
