@@ -146,6 +146,7 @@ class _Response:
         self.output: list[dict[str, Any]] = []
         self._open: dict[str, Any] | None = None
         self._open_call: int | None = None
+        self._finished_at: int | None = None
 
     # -- output items ----------------------------------------------------------------------------
 
@@ -233,7 +234,7 @@ class _Response:
                      "total_tokens": stats.prompt_tokens + stats.completion_tokens}
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
-            "completed_at": int(time.time()) if stats is not None else None,
+            "completed_at": self._completed_at(),
             "error": None, "incomplete_details": incomplete, "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens, "model": body.model,
             "output": [dict(item) for item in self.output] if stats is not None else [],
@@ -246,6 +247,12 @@ class _Response:
             "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": body.truncation or "disabled",
             "usage": usage, "user": body.user, "metadata": body.metadata or {},
         }
+
+    def _completed_at(self) -> int | None:
+        """When the generation finished: taken once, so every copy of the response agrees."""
+        if self.generation.stats is not None and self._finished_at is None:
+            self._finished_at = int(time.time())
+        return self._finished_at
 
     def messages(self) -> list[dict[str, Any]]:
         """The output as the assistant turn a later `previous_response_id` continues from."""

@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.fixtures import TINY_LLAMA
 from tests.support.tool_models import (
+    CALL_BUDGET,
     QWEN,
     SCHEMAS,
     WEATHER,
@@ -87,7 +88,7 @@ def test_stream_text_and_events_in_anthropics_order(client) -> None:
 
 def test_forced_tool_use_json_and_stream(client) -> None:
     api = sdk(client)
-    kwargs = {"model": QWEN, "max_tokens": 80, "tools": TOOLS, "tool_choice": ANY_ONE,
+    kwargs = {"model": QWEN, "max_tokens": CALL_BUDGET, "tools": TOOLS, "tool_choice": ANY_ONE,
               "messages": [{"role": "user", "content": "Weather in Oslo?"}]}
     message = api.messages.create(**kwargs)
     assert message.stop_reason == "tool_use"
@@ -113,7 +114,7 @@ def test_forced_tool_use_json_and_stream(client) -> None:
 def test_tool_result_turn_reaches_the_prompt(client, qwen_dir: Path) -> None:
     """A tool_use turn and its tool_result become the template's tool call and tool message."""
     api = sdk(client)
-    first = api.messages.create(model=QWEN, max_tokens=80, tools=TOOLS[:1], tool_choice=ANY_ONE,
+    first = api.messages.create(model=QWEN, max_tokens=CALL_BUDGET, tools=TOOLS[:1], tool_choice=ANY_ONE,
                                 messages=[{"role": "user", "content": "Weather in Rome?"}])
     [call] = [b for b in first.content if b.type == "tool_use"][:1]
     history = [
@@ -235,7 +236,7 @@ class TestOnVllm:
             text = "".join(stream.text_stream)
             final = stream.get_final_message()
         assert final.usage.output_tokens > 0 and final.content[0].type == "text" and final.content[0].text == text
-        message = api.messages.create(model=QWEN, max_tokens=80, tools=TOOLS, tool_choice=ANY_ONE,
+        message = api.messages.create(model=QWEN, max_tokens=CALL_BUDGET, tools=TOOLS, tool_choice=ANY_ONE,
                                       messages=[{"role": "user", "content": "Weather?"}])
         assert message.stop_reason == "tool_use"
         for block in message.content:

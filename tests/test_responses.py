@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.fixtures import TINY_LLAMA
 from tests.support.tool_models import (
+    CALL_BUDGET,
     QWEN,
     SCHEMAS,
     assert_valid_call,
@@ -81,7 +82,7 @@ def test_streaming_events_in_openais_order(client) -> None:
 def test_forced_function_call_then_its_output(client, qwen_dir: Path) -> None:
     api = sdk(client)
     first = api.responses.create(model=QWEN, input="Weather in Oslo?", tools=TOOLS, tool_choice="required",
-                                 parallel_tool_calls=False, max_output_tokens=80, store=False)
+                                 parallel_tool_calls=False, max_output_tokens=CALL_BUDGET, store=False)
     assert first.status == "completed"
     calls = [item for item in first.output if item.type == "function_call"]
     assert len(calls) == 1
@@ -120,8 +121,8 @@ def test_input_items_of_a_stored_response(client) -> None:
 
 
 def test_named_function_streams_name_first_then_arguments(client) -> None:
-    stream = sdk(client).responses.create(model=QWEN, input="time?", tools=TOOLS, max_output_tokens=60, stream=True,
-                                          tool_choice={"type": "function", "name": "get_time"})
+    stream = sdk(client).responses.create(model=QWEN, input="time?", tools=TOOLS, max_output_tokens=CALL_BUDGET,
+                                          stream=True, tool_choice={"type": "function", "name": "get_time"})
     events = list(stream)
     [added] = [e for e in events if e.type == "response.output_item.added"]
     assert added.item.type == "function_call" and added.item.name == "get_time" and added.item.arguments == ""
@@ -133,7 +134,7 @@ def test_named_function_streams_name_first_then_arguments(client) -> None:
     assert events[-1].type == "response.completed" and events[-1].response.output[0].arguments == arguments
 
     # The SDK's stream helper rebuilds the response from the events (and checks their identities).
-    with sdk(client).responses.stream(model=QWEN, input="time?", tools=TOOLS, max_output_tokens=60,
+    with sdk(client).responses.stream(model=QWEN, input="time?", tools=TOOLS, max_output_tokens=CALL_BUDGET,
                                       tool_choice={"type": "function", "name": "get_time"}) as stream:
         final = stream.get_final_response()
     [call] = final.output
@@ -266,7 +267,8 @@ def run_weather_agent(url: str, streamed: bool = False) -> None:
     model = OpenAIResponsesModel(model=QWEN, openai_client=AsyncOpenAI(base_url=f"{url}/v1", api_key="unused",
                                                                        timeout=180, max_retries=0))
     agent = Agent(name="weather", instructions="Answer with the tool.", model=model, tools=[get_weather],
-                  model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=80),
+                  model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False,
+                                               max_tokens=CALL_BUDGET),
                   tool_use_behavior="stop_on_first_tool")
     if streamed:
         async def run_streamed():  # noqa: ANN202 - the SDK's RunResultStreaming
@@ -320,7 +322,8 @@ class TestOnVllm:
         first = events[-1].response
         assert first.usage.output_tokens > 0
         called = api.responses.create(model=QWEN, input="Weather?", tools=TOOLS, tool_choice="required",
-                                      parallel_tool_calls=False, max_output_tokens=80, previous_response_id=first.id)
+                                      parallel_tool_calls=False, max_output_tokens=CALL_BUDGET,
+                                      previous_response_id=first.id)
         [call] = [item for item in called.output if item.type == "function_call"]
         assert_valid_call(call.name, call.arguments)
         assert called.usage.input_tokens > first.usage.input_tokens  # the first turn is in the prompt

@@ -24,6 +24,9 @@ TIME_SCHEMA = {"type": "object", "properties": {"zone": {"type": "string", "enum
                "required": ["zone"]}
 CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time", "parameters": TIME_SCHEMA}}
 SCHEMAS = {"get_weather": WEATHER_SCHEMA, "get_time": TIME_SCHEMA}
+# Tokens for one forced call: it ends when the grammar completes, so room to spare costs nothing,
+# and a random model may spend a blank between any two JSON tokens.
+CALL_BUDGET = 200
 
 
 def assert_valid_call(name: str, arguments: str | dict) -> dict:
