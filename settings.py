@@ -105,7 +105,7 @@ class Settings(BaseSettings):
 
     @field_validator("responses_retention", mode="before")
     @classmethod
-    def _retention_duration(cls, value: object) -> float:
+    def _responses_retention_duration(cls, value: object) -> float:
         seconds = parse_duration(value)  # type: ignore[arg-type]
         if seconds is None:
             raise ValueError("must be a positive duration (e.g. '720h'): stored responses cannot be kept forever")
