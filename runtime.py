@@ -1,4 +1,4 @@
-"""The server's long-lived state: settings, the model pool and the pull jobs.
+"""The server's long-lived state: settings, the model pool, the pull jobs and stored responses.
 
 service.py creates one Runtime per process and hands it to the API through `app.state`, so the
 API modules never import BentoML and tests can drive the same objects.
@@ -12,6 +12,7 @@ import time
 
 import metrics
 from jobs.puller import Puller
+from jobs.responses_store import ResponseStore
 from jobs.store import JobStore
 from runners.pool import ModelPool
 from settings import Settings
@@ -23,12 +24,15 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool = ModelPool(settings)
-        self.jobs = Puller(JobStore(settings.resolved_database_url), self.pool, settings)
+        job_store = JobStore(settings.resolved_database_url)
+        self.jobs = Puller(job_store, self.pool, settings)
+        self.responses = ResponseStore(job_store.engine, settings.responses_retention)  # one engine for both
         self.started_at = time.time()
         self._gauges: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.pool.start()
+        await asyncio.to_thread(self.responses.create_schema)
         await self.jobs.start()
         self._gauges = asyncio.create_task(self._sample_gauges(), name="metrics-gauges")
 

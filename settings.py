@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     # URL prefixes the server may fetch http(s) images from; empty: data URLs only (no SSRF).
     image_url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     image_fetch_timeout: float = Field(10.0, gt=0, description="seconds to fetch one allow-listed image")
+    # How long stored OpenAI Responses (`store: true`) are kept for `previous_response_id` and GET.
+    responses_retention: float = Field(30 * 86400.0, gt=0, description="seconds a stored response is kept")
 
     @field_validator("model_q4_threshold_bytes", "model_memory_budget_bytes", "max_request_bytes", mode="before")
     @classmethod
@@ -130,6 +132,14 @@ class Settings(BaseSettings):
     @classmethod
     def _retention_duration(cls, value: object) -> float | None:
         return None if value is None else parse_duration(value)  # type: ignore[arg-type]
+
+    @field_validator("responses_retention", mode="before")
+    @classmethod
+    def _responses_retention_duration(cls, value: object) -> float:
+        seconds = parse_duration(value)  # type: ignore[arg-type]
+        if seconds is None:
+            raise ValueError("must be a positive duration (e.g. '720h'): stored responses cannot be kept forever")
+        return seconds
 
     @field_validator("trust_remote_code_models", "api_keys", "image_url_allowlist", mode="before")
     @classmethod
@@ -175,6 +185,7 @@ class Settings(BaseSettings):
             "max_image_pixels": self.max_image_pixels,
             "max_images_per_request": self.max_images_per_request,
             "image_url_allowlist": self.image_url_allowlist,
+            "responses_retention_seconds": self.responses_retention,
         }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api import jobs, native, ollama, openai, system
+from api import anthropic, jobs, native, ollama, openai, responses, system
 from api.auth import ApiKeyMiddleware
 from api.body_limit import BodyLimitMiddleware
 from api.errors import ErrorPolicyMiddleware, install_error_handlers
@@ -23,6 +23,6 @@ def create_app() -> FastAPI:
     app.add_middleware(RequestMetricsMiddleware)  # refused requests count too
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries X-Request-ID
     install_error_handlers(app)
-    for module in (native, system, jobs, ollama, openai):
+    for module in (native, system, jobs, ollama, openai, anthropic, responses):
         app.include_router(module.router)
     return app

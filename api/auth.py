@@ -1,4 +1,5 @@
-"""API keys: when API_KEYS is set, every request but /health needs `Authorization: Bearer <key>`.
+"""API keys: when API_KEYS is set, every request but /health needs `Authorization: Bearer <key>`
+(or `x-api-key: <key>`, how Anthropic clients send it).
 
 A plain ASGI middleware (not BaseHTTPMiddleware), so streaming responses and client disconnects
 pass through untouched.
@@ -25,9 +26,10 @@ class ApiKeyMiddleware:
             request = Request(scope)
             keys: list[str] = scope["app"].state.runtime.settings.api_keys
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if keys and (scheme.lower() != "bearer" or not _known(token, keys)):
-                response = error_response(request, 401, "missing or invalid API key (Authorization: Bearer <key>)",
-                                          error_type="authentication_error")
+            token = token if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+            if keys and not _known(token, keys):
+                message = "missing or invalid API key (Authorization: Bearer <key>, or x-api-key: <key>)"
+                response = error_response(request, 401, message, error_type="authentication_error")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -1,9 +1,9 @@
 """The one error policy of the HTTP edge: every failure answers in its dialect's own format.
 
 - Dialects: `/v1/*` answers with OpenAI's error object; everything else (native and Ollama) with
-  `{"error": "..."}`, which is what Ollama clients parse. `dialect_of` is the one place that maps a
-  path to its dialect, and `error_body` the one place that shapes a body: an Anthropic dialect
-  (`/v1/messages`, `{"type": "error", "error": {"type", "message"}}`) is added in those two.
+  `{"error": "..."}`, which is what Ollama clients parse, and `/v1/messages*` with Anthropic's
+  `{"type": "error", "error": {"type", "message"}}`. `dialect_of` is the one place that maps a
+  path to its dialect, and `error_body` the one place that shapes a body.
 - Known failures (`problem_of`): the server's own errors (errors.py) keep their status; a chat
   template that refuses the conversation (`raise_exception(...)` in the template, an undefined
   field) is the client's mistake: 400 with the template's own message (prompt preparation turns
@@ -35,7 +35,7 @@ from errors import ServerError
 
 log = logging.getLogger(__name__)
 
-Dialect = Literal["ollama", "openai"]  # "ollama" is also the native API's shape
+Dialect = Literal["ollama", "openai", "anthropic"]  # "ollama" is also the native API's shape
 StreamWire = Literal["ollama", "native", "openai"]  # NDJSON lines; SSE {"error", "done"}; SSE error object
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -44,6 +44,8 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403:
 
 def dialect_of(path: str) -> Dialect:
     """Which dialect's error shape a path answers in (the hook for further dialects)."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
     return "openai" if path.startswith("/v1") else "ollama"
 
 
@@ -56,6 +58,10 @@ def error_body(dialect: Dialect, status: int, message: str, error_type: str | No
                param: str | None = None) -> dict:
     if dialect == "openai":
         return openai_error(message, error_type or _OPENAI_TYPES.get(status, "server_error"), param)
+    if dialect == "anthropic":
+        from api.anthropic_schemas import anthropic_error
+
+        return anthropic_error(status, message)
     return {"error": message}
 
 

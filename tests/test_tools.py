@@ -21,34 +21,17 @@ from runners.output_parsing import OutputParser, choose_parsers, merge_tool_call
 from settings import Settings
 from tests.conftest import chat_body
 from tests.support.fixtures import TINY_LLAMA
-from tests.support.tiny_models import (
-    HERMES_TEMPLATE,
-    HERMES_TOKENS,
-    LLAMA31_TEMPLATE,
-    LLAMA31_TOKENS,
-    build_tiny_llama,
+from tests.support.tiny_models import HERMES_TEMPLATE, LLAMA31_TEMPLATE, LLAMA31_TOKENS, build_tiny_llama
+from tests.support.tool_models import (
+    CLOCK,
+    QWEN,
+    WEATHER,
+    WEATHER_SCHEMA,
+    assert_valid_call,
+    rendered_length,
 )
 
-QWEN = "test-org/tiny-qwen-tools"  # Hermes tool calls and <think> reasoning, as Qwen2.5/Qwen3
 LLAMA31 = "test-org/tiny-llama31-tools"  # Llama 3.1 JSON tool calls
-# Bounded values (enums, booleans): a random model cannot wander off into an endless string.
-WEATHER_SCHEMA = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]}, "metric": {"type": "boolean"}},
-    "required": ["city", "metric"],
-}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                             "parameters": WEATHER_SCHEMA}}
-TIME_SCHEMA = {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"]}
-CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time", "parameters": TIME_SCHEMA}}
-SCHEMAS = {"get_weather": WEATHER_SCHEMA, "get_time": TIME_SCHEMA}
-
-
-@pytest.fixture(scope="session")
-def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # hidden 128 (head size 32): vLLM's CPU attention has kernels for it
-    return build_tiny_llama(tmp_path_factory.mktemp("qwen"), chat_template=HERMES_TEMPLATE,
-                            extra_tokens=HERMES_TOKENS, hidden_size=128, seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -63,21 +46,6 @@ def client(serve, install_model, qwen_dir: Path, llama31_dir: Path, tiny_llama_d
     install_model(llama31_dir, LLAMA31)
     install_model(tiny_llama_dir, TINY_LLAMA)
     return serve(BACKEND="transformers", MAX_CACHE_MODELS="3")
-
-
-def assert_valid_call(name: str, arguments: str | dict) -> dict:
-    args = json.loads(arguments) if isinstance(arguments, str) else arguments
-    jsonschema.validate(args, SCHEMAS[name])
-    return args
-
-
-def rendered_length(model_dir: Path, messages: list[dict], tools: list[dict] | None = None, **kwargs: object) -> int:
-    """Tokens of the prompt the model's own template makes of `messages` (the truth to compare with)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True, **kwargs)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 # -- the OpenAI dialect ----------------------------------------------------------------------------
@@ -384,17 +352,10 @@ def test_parser_overrides_per_model() -> None:
 class TestOnVllm:
     @pytest.fixture(scope="class")
     def url(self, tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path):
-        from tests.conftest import UNREACHABLE_HUB
-        from tests.support.tiny_models import install_into_hf_cache
+        from tests.support.server_env import in_process_env
         from tests.test_vllm import in_process_server
 
-        root = tmp_path_factory.mktemp("vllm-tools")
-        install_into_hf_cache(qwen_dir, root / "hf" / "hub", QWEN)
-        (root / "rpc").mkdir()
-        env = {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, "DATA_DIR": str(root / "data"),
-               "BACKEND": "vllm", "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
-               "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "VLLM_RPC_BASE_PATH": str(root / "rpc"),
-               "VLLM_LOGGING_LEVEL": "WARNING"}
+        env = in_process_env(tmp_path_factory.mktemp("vllm-tools"), {QWEN: qwen_dir}, "vllm")
         with in_process_server(env) as url:
             yield url
 

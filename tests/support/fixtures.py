@@ -9,7 +9,7 @@ import huggingface_hub
 import pytest
 
 from .hub_server import LocalHub
-from .tiny_models import build_tiny_gpt2, build_tiny_llama
+from .tiny_models import HERMES_TEMPLATE, HERMES_TOKENS, build_tiny_gpt2, build_tiny_llama
 
 TINY_LLAMA = "test-org/tiny-llama"
 TINY_GPT2 = "test-org/tiny-gpt2"
@@ -25,6 +25,15 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny GPT-2 without a chat template, built once per session. Do not modify it."""
     return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen-style model: Hermes tool calls and <think> reasoning (tests/support/tool_models.py).
+
+    Hidden size 128 (head size 32): vLLM's CPU attention has kernels for it."""
+    return build_tiny_llama(tmp_path_factory.mktemp("qwen"), chat_template=HERMES_TEMPLATE,
+                            extra_tokens=HERMES_TOKENS, hidden_size=128, seed=1)
 
 
 @pytest.fixture
