@@ -32,6 +32,9 @@ IMAGE = (
     .requirements_file("requirements.txt")
     .python_packages("vllm==0.32.0")
     .run("uv pip uninstall torchaudio torchcodec")
+    # The `ai-server` command (cli/) on the image's PATH: the Bento's code is not pip-installed there.
+    .run("""printf '#!/bin/sh\\nPYTHONPATH="$BENTO_PATH/src" exec python -m cli "$@"\\n' > /usr/local/bin/ai-server"""
+         " && chmod +x /usr/local/bin/ai-server")
 )
 
 # Service options read the environment when the module is imported (at build and at serve time).

@@ -109,4 +109,5 @@ def load_runner(
     from runners.transformers import TransformersRunner
 
     return TransformersRunner.load(model, precision, device, trust_remote_code,
-                                   max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
+                                   max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                                   gpus=settings.tensor_parallel_size)

@@ -61,9 +61,12 @@ class TransformersRunner(Runner):
     @classmethod
     def load(
         cls, model: LocalModel, precision: Precision, device: str, trust_remote_code: bool, *,
-        max_batch_size: int, max_queue: int,
+        max_batch_size: int, max_queue: int, gpus: int = 1,
     ) -> TransformersRunner:
-        """Load from the local snapshot folder only (blocking; never touches the network)."""
+        """Load from the local snapshot folder only (blocking; never touches the network).
+
+        `gpus` > 1 (TENSOR_PARALLEL_SIZE) on CUDA spreads the layers over the visible GPUs
+        (accelerate's `device_map="auto"`): a model larger than one GPU runs, one GPU at a time."""
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, BitsAndBytesConfig
 
         common = {"local_files_only": True, "trust_remote_code": trust_remote_code}
@@ -86,6 +89,8 @@ class TransformersRunner(Runner):
             kwargs["device_map"] = device
         elif precision.mode in _DTYPES:
             kwargs["dtype"] = _DTYPES[precision.mode]
+        if device == "cuda" and gpus > 1 and torch.cuda.device_count() > 1:
+            kwargs["device_map"] = "auto"
         auto_class = AutoModelForCausalLM if processor is None else AutoModelForImageTextToText
         hf_model = auto_class.from_pretrained(model.path, **kwargs)
         if "device_map" not in kwargs:

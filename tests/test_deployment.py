@@ -140,6 +140,7 @@ def test_the_bento_image_installs_the_cuda_13_line_locked_without_audio_packages
     assert "ARG DEVICE=cuda" in containerfile and "ENV DEVICE=$DEVICE" in containerfile
     assert "ARG HF_HOME=/home/bentoml/hf" in containerfile
     assert "ENV DATABASE_URL=$DATABASE_URL" in containerfile
+    assert 'exec python -m cli "$@"' in containerfile and "/usr/local/bin/ai-server" in containerfile
     src = next((tmp_path / "bentoml" / "bentos" / "ai-server").glob("*/src"))
     for path in ("service.py", "settings.py", "supervision.py", "api/app.py", "runners/prepare.py", "cli/main.py",
                  "requirements.txt"):
