@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 # machines (scripts/install-vllm.sh). VLLM=no leaves it out: every model then runs on transformers.
 VLLM ?= yes
 
-.PHONY: install install-test serve test bench bento clean
+.PHONY: install install-test postgres serve test bench bento clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,15 @@ install-test: $(VENV)/.installed-test
 serve: install
 	$(BIN)/bentoml serve service:AIServer --port $(PORT)
 
-test: install-test
+# The replica tests run a real PostgreSQL server (tests/support/postgres.py): Debian's package,
+# installed when missing (as root, or with sudo).
+postgres:
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; \
+	fi
+
+test: install-test postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
