@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from tests.support.fixtures import local_hub, qwen_dir, tiny_gpt2_dir, tiny_llama_dir  # noqa: F401 - fixtures
+from tests.support.fixtures import local_hub, postgres, qwen_dir, tiny_gpt2_dir, tiny_llama_dir  # noqa: F401 - fixtures
 from tests.support.tiny_models import (
     build_broken_model,
     build_remote_code_model,

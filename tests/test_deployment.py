@@ -7,7 +7,6 @@ cluster exists here). Readiness is checked on the real service app against a rea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import subprocess
@@ -94,13 +93,6 @@ def test_tensor_parallel_size_reaches_vllm(tiny_llama_dir: Path, install_model) 
     precision = Precision(mode="bf16", reason="test")
     assert engine_args(local, precision, "cuda", False, Settings(tensor_parallel_size=2)).tensor_parallel_size == 2
     assert engine_args(local, precision, "cpu", False, Settings(tensor_parallel_size=2)).tensor_parallel_size == 1
-
-
-@pytest.fixture
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
-    yield server
-    server.stop()
 
 
 def test_ready_only_while_the_database_answers(serve, postgres: PostgresServer) -> None:

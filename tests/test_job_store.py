@@ -18,14 +18,6 @@ import pytest
 
 from jobs.models import PullJob, active_key
 from jobs.store import JobStore
-from tests.support.postgres import PostgresServer
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

@@ -21,7 +21,6 @@ import pytest
 
 from tests.support.fixtures import TINY_LLAMA
 from tests.support.hub_server import LocalHub
-from tests.support.postgres import PostgresServer
 from tests.support.server_process import (
     free_port,
     kill_server,
@@ -34,13 +33,6 @@ from tests.test_pull_jobs import WEIGHTS, listed, pull, wait_job
 
 LEASE_SECONDS = 2.0
 WEIGHTS_KEY = f"{TINY_LLAMA}/{WEIGHTS}"
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

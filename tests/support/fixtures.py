@@ -9,6 +9,7 @@ import huggingface_hub
 import pytest
 
 from .hub_server import LocalHub
+from .postgres import PostgresServer
 from .tiny_models import HERMES_TEMPLATE, HERMES_TOKENS, build_tiny_gpt2, build_tiny_llama
 
 TINY_LLAMA = "test-org/tiny-llama"
@@ -54,3 +55,12 @@ def local_hub(
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
         monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
         yield hub
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the run (Debian's package; `make test` installs it); each test
+    takes an empty database of its own with `new_database()`."""
+    server = PostgresServer().start()
+    yield server
+    server.stop()
