@@ -18,8 +18,26 @@ if TYPE_CHECKING:
     from runners.generation import GenerationStats
     from runners.pool import ModelPool
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
-                    80.0)
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 _TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 _LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 
@@ -45,23 +63,29 @@ def _series() -> _Series:
 
     model = ["model"]
     return _Series(
-        requests=Counter("requests", "HTTP requests by route template and status",
-                         ["endpoint", "method", "status"]),
-        ttft=Histogram("time_to_first_token_seconds", "Time from request to first output token", model,
-                       buckets=_LATENCY_BUCKETS),
-        inter_token=Histogram("inter_token_latency_seconds", "Mean time between output tokens of a request",
-                              model, buckets=_TOKEN_GAP_BUCKETS),
-        e2e=Histogram("e2e_request_latency_seconds", "Time from request to last output token", model,
-                      buckets=_LATENCY_BUCKETS),
+        requests=Counter("requests", "HTTP requests by route template and status", ["endpoint", "method", "status"]),
+        ttft=Histogram(
+            "time_to_first_token_seconds", "Time from request to first output token", model, buckets=_LATENCY_BUCKETS
+        ),
+        inter_token=Histogram(
+            "inter_token_latency_seconds",
+            "Mean time between output tokens of a request",
+            model,
+            buckets=_TOKEN_GAP_BUCKETS,
+        ),
+        e2e=Histogram(
+            "e2e_request_latency_seconds", "Time from request to last output token", model, buckets=_LATENCY_BUCKETS
+        ),
         prompt_tokens=Counter("prompt_tokens", "Prompt tokens processed", model),
         generation_tokens=Counter("generation_tokens", "Output tokens generated", model),
-        running=Gauge("num_requests_running", "Requests decoding in a model's batch", model,
-                      multiprocess_mode="livesum"),
-        waiting=Gauge("num_requests_waiting", "Requests queued for a place in a model's batch", model,
-                      multiprocess_mode="livesum"),
+        running=Gauge(
+            "num_requests_running", "Requests decoding in a model's batch", model, multiprocess_mode="livesum"
+        ),
+        waiting=Gauge(
+            "num_requests_waiting", "Requests queued for a place in a model's batch", model, multiprocess_mode="livesum"
+        ),
         loaded=Gauge("models_loaded", "Models loaded in memory", multiprocess_mode="livesum"),
-        load_time=Histogram("model_load_seconds", "Time to load a model", ["model", "backend"],
-                            buckets=_LOAD_BUCKETS),
+        load_time=Histogram("model_load_seconds", "Time to load a model", ["model", "backend"], buckets=_LOAD_BUCKETS),
     )
 
 

@@ -12,13 +12,13 @@ import os
 # that only touches the network for explicit pulls must not. Operators can still set it to 0.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import bentoml  # noqa: E402
+import bentoml
 
-from api.app import create_app  # noqa: E402
-from api.request_id import install_log_filter  # noqa: E402
-from runtime import Runtime  # noqa: E402
-from settings import Settings, load_settings  # noqa: E402
-from supervision import exit_with_parent  # noqa: E402
+from api.app import create_app
+from api.request_id import install_log_filter
+from runtime import Runtime
+from settings import Settings, load_settings
+from supervision import exit_with_parent
 
 app = create_app()
 
@@ -33,8 +33,10 @@ IMAGE = (
     .python_packages("vllm==0.32.0")
     .run("uv pip uninstall torchaudio torchcodec")
     # The `ai-server` command (cli/) on the image's PATH: the Bento's code is not pip-installed there.
-    .run("""printf '#!/bin/sh\\nPYTHONPATH="$BENTO_PATH/src" exec python -m cli "$@"\\n' > /usr/local/bin/ai-server"""
-         " && chmod +x /usr/local/bin/ai-server")
+    .run(
+        """printf '#!/bin/sh\\nPYTHONPATH="$BENTO_PATH/src" exec python -m cli "$@"\\n' > /usr/local/bin/ai-server"""
+        " && chmod +x /usr/local/bin/ai-server"
+    )
 )
 
 # Service options read the environment when the module is imported (at build and at serve time).

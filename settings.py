@@ -198,11 +198,8 @@ def load_settings() -> Settings:
     try:
         settings = Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors())
         raise SettingsError(f"invalid configuration: {problems}") from None
     # Must be in the environment before torch initialises CUDA.
     os.environ.setdefault("PYTORCH_ALLOC_CONF", settings.pytorch_alloc_conf)
     return settings
-

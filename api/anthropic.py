@@ -73,17 +73,26 @@ async def messages(body: MessagesRequest, runtime: Runtime = Depends(get_runtime
         pieces = await started_stream(generation.stream())
         return stream_generation(generation, _events(generation, pieces, message_id), SSE_MEDIA_TYPE)
     done = await generation.collect()
-    return JSONResponse({
-        **_message_head(message_id, generation.model),
-        "content": _content_blocks(done),
-        "stop_reason": _stop_reason(done.stats.finish_reason, bool(done.tool_calls)),
-        "usage": {"input_tokens": done.stats.prompt_tokens, "output_tokens": done.stats.completion_tokens},
-    })
+    return JSONResponse(
+        {
+            **_message_head(message_id, generation.model),
+            "content": _content_blocks(done),
+            "stop_reason": _stop_reason(done.stats.finish_reason, bool(done.tool_calls)),
+            "usage": {"input_tokens": done.stats.prompt_tokens, "output_tokens": done.stats.completion_tokens},
+        }
+    )
 
 
 def _message_head(message_id: str, model: str) -> dict[str, Any]:
-    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": None, "stop_sequence": None}
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+    }
 
 
 def _stop_reason(finish: str, called: bool) -> str:
@@ -101,8 +110,10 @@ def _content_blocks(done: Completion) -> list[dict[str, Any]]:
         blocks.append({"type": "thinking", "thinking": done.reasoning, "signature": ""})
     if done.text or not (done.reasoning or done.tool_calls):
         blocks.append({"type": "text", "text": done.text})
-    blocks += [{"type": "tool_use", "id": call.id, "name": call.name, "input": _input(call.arguments_object())}
-               for call in done.tool_calls]
+    blocks += [
+        {"type": "tool_use", "id": call.id, "name": call.name, "input": _input(call.arguments_object())}
+        for call in done.tool_calls
+    ]
     return blocks
 
 
@@ -157,8 +168,12 @@ class _Blocks:
             events.append(self._delta({"type": "text_delta", "text": piece.content}))
         for call in piece.tool_calls:
             if self.open_kind != "tool_use" or self.open_call != call.index:
-                block = {"type": "tool_use", "id": call.id or f"call_{uuid.uuid4().hex[:24]}", "name": call.name or "",
-                         "input": {}}
+                block = {
+                    "type": "tool_use",
+                    "id": call.id or f"call_{uuid.uuid4().hex[:24]}",
+                    "name": call.name or "",
+                    "input": {},
+                }
                 events += self._start("tool_use", block)
                 self.open_call = call.index
             if call.arguments:
@@ -180,7 +195,7 @@ async def _events(generation: Generation, pieces: AsyncIterator[OutputDelta], me
             called = called or bool(piece.tool_calls)
             for line in blocks.feed(piece):
                 yield line
-    except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream, then stop
+    except Exception as exc:
         status = exc.status_code if isinstance(exc, ServerError) else 500
         message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
         yield _event("error", {"error": anthropic_error(status, message)["error"]})

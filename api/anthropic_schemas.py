@@ -14,8 +14,15 @@ from pydantic import BaseModel, Field, model_validator
 
 from errors import InvalidRequest
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
 
 
 def anthropic_error(status: int, message: str) -> dict[str, Any]:
@@ -61,8 +68,9 @@ class ToolResultBlock(BaseModel):
         return "\n".join(block.text for block in self.content)
 
 
-ContentBlock = Annotated[TextBlock | ThinkingBlock | RedactedThinkingBlock | ToolUseBlock | ToolResultBlock,
-                         Field(discriminator="type")]
+ContentBlock = Annotated[
+    TextBlock | ThinkingBlock | RedactedThinkingBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")
+]
 
 
 class MessageParam(BaseModel):
@@ -84,8 +92,10 @@ class ToolParam(BaseModel):
     @classmethod
     def _client_tools_only(cls, value: Any) -> Any:
         if isinstance(value, dict) and value.get("type") not in (None, "custom"):
-            raise ValueError(f"tools of type {value['type']!r} (Anthropic's server tools) are not supported by "
-                             "this server: only client tools with an input_schema")
+            raise ValueError(
+                f"tools of type {value['type']!r} (Anthropic's server tools) are not supported by "
+                "this server: only client tools with an input_schema"
+            )
         return value
 
 
@@ -153,8 +163,13 @@ class CountTokensRequest(BaseModel):
     def tool_list(self) -> list[dict[str, Any]] | None:
         if not self.tools or (self.tool_choice is not None and self.tool_choice.type == "none"):
             return None
-        return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
-                                                  "parameters": t.input_schema}} for t in self.tools]
+        return [
+            {
+                "type": "function",
+                "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema},
+            }
+            for t in self.tools
+        ]
 
     def tool_choice_value(self) -> str | dict[str, Any]:
         """auto / any / tool / none as the server's auto / required / named / none."""
@@ -198,8 +213,13 @@ def _user_turn(message: MessageParam) -> list[dict[str, Any]]:
     for block in message.content:
         if isinstance(block, ToolResultBlock):
             text = block.text()
-            out.append({"role": "tool", "tool_call_id": block.tool_use_id,
-                        "content": f"Error: {text}" if block.is_error else text})
+            out.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": block.tool_use_id,
+                    "content": f"Error: {text}" if block.is_error else text,
+                }
+            )
         elif isinstance(block, TextBlock):
             texts.append(block.text)
         else:

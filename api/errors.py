@@ -38,8 +38,14 @@ log = logging.getLogger(__name__)
 Dialect = Literal["ollama", "openai", "anthropic"]  # "ollama" is also the native API's shape
 StreamWire = Literal["ollama", "native", "openai"]  # NDJSON lines; SSE {"error", "done"}; SSE error object
 
-_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 413: "invalid_request_error", 503: "server_error"}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    503: "server_error",
+}
 
 
 def dialect_of(path: str) -> Dialect:
@@ -54,8 +60,9 @@ def openai_error(message: str, error_type: str, param: str | None = None) -> dic
     return {"error": {"message": message, "type": error_type, "param": param, "code": None}}
 
 
-def error_body(dialect: Dialect, status: int, message: str, error_type: str | None = None,
-               param: str | None = None) -> dict:
+def error_body(
+    dialect: Dialect, status: int, message: str, error_type: str | None = None, param: str | None = None
+) -> dict:
     if dialect == "openai":
         return openai_error(message, error_type or _OPENAI_TYPES.get(status, "server_error"), param)
     if dialect == "anthropic":
@@ -66,7 +73,12 @@ def error_body(dialect: Dialect, status: int, message: str, error_type: str | No
 
 
 def error_response(
-    request: Request, status: int, message: str, *, error_type: str | None = None, param: str | None = None,
+    request: Request,
+    status: int,
+    message: str,
+    *,
+    error_type: str | None = None,
+    param: str | None = None,
     retry_after: float | None = None,
 ) -> JSONResponse:
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after else None
@@ -90,8 +102,9 @@ def problem_of(exc: BaseException) -> Problem | None:
     if isinstance(exc, ServerError):
         return Problem(exc.status_code, exc.message, exc.error_type, exc.param, exc.retry_after)
     if isinstance(exc, TemplateError):
-        return Problem(400, str(exc) or "the model's chat template refused these messages",
-                       "invalid_request_error", "messages")
+        return Problem(
+            400, str(exc) or "the model's chat template refused these messages", "invalid_request_error", "messages"
+        )
     return None
 
 
@@ -171,8 +184,14 @@ def install_error_handlers(app: FastAPI) -> None:
         assert problem is not None
         if problem.status >= 500:
             log.warning("%s %s failed (%d): %s", request.method, request.url.path, problem.status, problem.message)
-        return error_response(request, problem.status, problem.message, error_type=problem.error_type,
-                              param=problem.param, retry_after=problem.retry_after)
+        return error_response(
+            request,
+            problem.status,
+            problem.message,
+            error_type=problem.error_type,
+            param=problem.param,
+            retry_after=problem.retry_after,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

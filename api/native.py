@@ -14,9 +14,9 @@ from api.errors import stream_error
 from api.ollama import ChatPieces, final_stats
 from api.ollama_schemas import Message as OllamaMessage
 from api.ollama_schemas import Think, thinking_switches
-from api.tool_schemas import ToolChoiceParam, ToolParam, tool_choice_value, tool_dicts
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
 from api.strict_json import StrictJSONRoute
+from api.tool_schemas import ToolChoiceParam, ToolParam, tool_choice_value, tool_dicts
 from jobs.models import iso_utc
 from runners.base import GenerationRequest, OutputDelta, SamplingOptions
 from runners.generation import Generation, start_generation
@@ -92,16 +92,18 @@ async def models(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     for local in await asyncio.to_thread(list_local):
         entry = runtime.pool.get_loaded(local.ref.name)
         runner = entry.runner if entry else None
-        listed.append({
-            "model": local.ref.name,
-            "loaded": entry is not None,
-            "backend": entry.backend.name if entry else None,
-            "backend_reason": entry.backend.reason if entry else None,
-            "size_bytes": local.size_bytes,
-            "local_path": str(local.path),
-            "load_duration": entry.load_duration_ns if entry else None,
-            "quantization": runner.precision.mode if runner else None,
-            "quantization_reason": runner.precision.reason if runner else None,
-            "memory_bytes": entry.memory_bytes if entry else None,
-        })
+        listed.append(
+            {
+                "model": local.ref.name,
+                "loaded": entry is not None,
+                "backend": entry.backend.name if entry else None,
+                "backend_reason": entry.backend.reason if entry else None,
+                "size_bytes": local.size_bytes,
+                "local_path": str(local.path),
+                "load_duration": entry.load_duration_ns if entry else None,
+                "quantization": runner.precision.mode if runner else None,
+                "quantization_reason": runner.precision.reason if runner else None,
+                "memory_bytes": entry.memory_bytes if entry else None,
+            }
+        )
     return {"models": listed}

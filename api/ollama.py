@@ -75,6 +75,7 @@ async def _local_or_404(name: str) -> LocalModel:
 
 # -- generation ----------------------------------------------------------------------------------
 
+
 @router.post("/api/chat")
 async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Response:
     keep_alive = body.keep_alive_seconds()
@@ -98,13 +99,15 @@ async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Re
 @router.post("/api/generate")
 async def generate(body: GenerateRequest, runtime: Runtime = Depends(get_runtime)) -> Response:
     if body.images and (body.raw or body.suffix is not None):
-        raise InvalidRequest("images need the model's chat template: they cannot go with `raw` or `suffix`",
-                             param="images")
+        raise InvalidRequest(
+            "images need the model's chat template: they cannot go with `raw` or `suffix`", param="images"
+        )
     keep_alive = body.keep_alive_seconds()
     if not body.prompt and not body.images and body.suffix is None:
         return await _load_or_unload(runtime, body.model, keep_alive, {"response": ""})
-    request = GenerationRequest(options=body.options.sampling(), response_format=body.response_format(),
-                                context_limit=body.options.num_ctx)
+    request = GenerationRequest(
+        options=body.options.sampling(), response_format=body.response_format(), context_limit=body.options.num_ctx
+    )
     if body.raw or body.suffix is not None:
         request.prompt, request.suffix = body.prompt, body.suffix
     else:
@@ -200,8 +203,9 @@ class _GeneratePieces:
 async def _respond(model: str, generation: Generation, stream: bool, pieces: ChatPieces | _GeneratePieces) -> Response:
     if not stream:
         done = await generation.collect()
-        return JSONResponse({"model": model, "created_at": _now(), **pieces.final(done), "done": True,
-                             **final_stats(done.stats)})
+        return JSONResponse(
+            {"model": model, "created_at": _now(), **pieces.final(done), "done": True, **final_stats(done.stats)}
+        )
     deltas = await started_stream(generation.stream())
 
     async def lines() -> AsyncIterator[str]:
@@ -214,8 +218,9 @@ async def _respond(model: str, generation: Generation, stream: bool, pieces: Cha
             yield stream_error(exc, "ollama")
             return
         assert generation.stats is not None
-        yield _line({"model": model, "created_at": _now(), **pieces.empty(), "done": True,
-                     **final_stats(generation.stats)})
+        yield _line(
+            {"model": model, "created_at": _now(), **pieces.empty(), "done": True, **final_stats(generation.stats)}
+        )
 
     return stream_generation(generation, lines(), NDJSON_MEDIA_TYPE)
 
@@ -241,6 +246,7 @@ async def _load_or_unload(
 
 # -- embeddings ----------------------------------------------------------------------------------
 
+
 @router.post("/api/embed")
 async def embed_texts(body: EmbedRequest, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     texts = [body.input] if isinstance(body.input, str) else body.input
@@ -248,8 +254,13 @@ async def embed_texts(body: EmbedRequest, runtime: Runtime = Depends(get_runtime
     vectors = result.vectors
     if body.dimensions:
         vectors = [_renormalized(v[: body.dimensions]) for v in vectors]
-    return {"model": body.model, "embeddings": vectors, "total_duration": result.total_duration_ns,
-            "load_duration": result.load_duration_ns, "prompt_eval_count": result.prompt_tokens}
+    return {
+        "model": body.model,
+        "embeddings": vectors,
+        "total_duration": result.total_duration_ns,
+        "load_duration": result.load_duration_ns,
+        "prompt_eval_count": result.prompt_tokens,
+    }
 
 
 @router.post("/api/embeddings")
@@ -268,23 +279,37 @@ def _renormalized(vector: list[float]) -> list[float]:
 
 # -- models --------------------------------------------------------------------------------------
 
+
 def _details(info: ModelInfo) -> dict[str, Any]:
-    level = (info.quantization or {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(info.dtype, info.dtype))
-    return {"parent_model": "", "format": "safetensors", "family": info.family, "families": [info.family],
-            "parameter_size": info.parameter_size, "quantization_level": level.upper()}
+    level = info.quantization or {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(info.dtype, info.dtype)
+    return {
+        "parent_model": "",
+        "format": "safetensors",
+        "family": info.family,
+        "families": [info.family],
+        "parameter_size": info.parameter_size,
+        "quantization_level": level.upper(),
+    }
 
 
 def _model_entry(local: LocalModel) -> dict[str, Any]:
-    return {"name": local.ref.tagged_name, "model": local.ref.tagged_name,
-            "modified_at": iso_utc(datetime.fromtimestamp(local.modified_at, timezone.utc)),
-            "size": local.size_bytes, "digest": local.commit, "details": _details(describe(local))}
+    return {
+        "name": local.ref.tagged_name,
+        "model": local.ref.tagged_name,
+        "modified_at": iso_utc(datetime.fromtimestamp(local.modified_at, timezone.utc)),
+        "size": local.size_bytes,
+        "digest": local.commit,
+        "details": _details(describe(local)),
+    }
 
 
 @router.get("/api/tags")
 async def tags(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     # `replica`: not Ollama's; says which replica answered when several share a model cache.
-    return {"models": await asyncio.to_thread(lambda: [_model_entry(m) for m in list_local()]),
-            "replica": runtime.jobs.owner}
+    return {
+        "models": await asyncio.to_thread(lambda: [_model_entry(m) for m in list_local()]),
+        "replica": runtime.jobs.owner,
+    }
 
 
 @router.post("/api/show")
@@ -294,8 +319,11 @@ async def show(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> dic
     parsers = choose_parsers(local.ref.repo_id, info, runtime.settings)
     generation_config = local.path / "generation_config.json"
     params = json.loads(generation_config.read_text()) if generation_config.is_file() else {}
-    parameters = "\n".join(f"{k:<30} {v}" for k, v in params.items()
-                           if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"))
+    parameters = "\n".join(
+        f"{k:<30} {v}"
+        for k, v in params.items()
+        if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    )
     return {
         "modelfile": f"# Served by ai-server from the Hugging Face cache\nFROM {local.ref.tagged_name}\n",
         "parameters": parameters,
@@ -310,13 +338,21 @@ async def show(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> dic
 def _model_info(info: ModelInfo, local: LocalModel) -> dict[str, Any]:
     """Ollama's GGUF-style keys, filled from the Hugging Face config."""
     config, arch = info.config.get("text_config", info.config), info.family
-    keys = {"context_length": info.context_length, "embedding_length": config.get("hidden_size"),
-            "block_count": config.get("num_hidden_layers"), "feed_forward_length": config.get("intermediate_size"),
-            "attention.head_count": config.get("num_attention_heads"),
-            "attention.head_count_kv": config.get("num_key_value_heads"), "vocab_size": config.get("vocab_size")}
-    return {"general.architecture": arch, "general.basename": local.ref.repo_id,
-            "general.parameter_count": info.parameter_count,
-            **{f"{arch}.{k}": v for k, v in keys.items() if v is not None}}
+    keys = {
+        "context_length": info.context_length,
+        "embedding_length": config.get("hidden_size"),
+        "block_count": config.get("num_hidden_layers"),
+        "feed_forward_length": config.get("intermediate_size"),
+        "attention.head_count": config.get("num_attention_heads"),
+        "attention.head_count_kv": config.get("num_key_value_heads"),
+        "vocab_size": config.get("vocab_size"),
+    }
+    return {
+        "general.architecture": arch,
+        "general.basename": local.ref.repo_id,
+        "general.parameter_count": info.parameter_count,
+        **{f"{arch}.{k}": v for k, v in keys.items() if v is not None},
+    }
 
 
 @router.get("/api/ps")
@@ -335,9 +371,13 @@ def _running_entry(entry: LoadedModel) -> dict[str, Any]:
     info = describe(local)
     entry_json = _model_entry(local)
     entry_json["details"]["quantization_level"] = entry.runner.precision.mode.upper()  # as loaded
-    return {**entry_json, "size": entry.memory_bytes, "expires_at": iso_utc(expires),
-            "size_vram": entry.memory_bytes if entry.runner.device == "cuda" else 0,
-            "context_length": info.context_length}
+    return {
+        **entry_json,
+        "size": entry.memory_bytes,
+        "expires_at": iso_utc(expires),
+        "size_vram": entry.memory_bytes if entry.runner.device == "cuda" else 0,
+        "context_length": info.context_length,
+    }
 
 
 @router.delete("/api/delete")
@@ -357,6 +397,7 @@ async def copy(body: CopyRequest) -> Response:
 
 
 # -- pull ----------------------------------------------------------------------------------------
+
 
 @router.post("/api/pull")
 async def pull(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Response:
@@ -378,8 +419,14 @@ async def pull(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Res
             current = await runtime.jobs.get(current.id)
             if current.total_bytes and (current.completed_bytes, current.total_bytes) != last:
                 last = (current.completed_bytes, current.total_bytes)
-                yield _line({"status": f"pulling {ref.name}", "digest": ref.name,
-                             "total": current.total_bytes, "completed": current.completed_bytes})
+                yield _line(
+                    {
+                        "status": f"pulling {ref.name}",
+                        "digest": ref.name,
+                        "total": current.total_bytes,
+                        "completed": current.completed_bytes,
+                    }
+                )
             if current.status not in ("queued", "running"):
                 break
             await asyncio.sleep(_PULL_POLL_SECONDS)
@@ -404,6 +451,7 @@ def _pull_failure_status(error: str) -> int:
 
 
 # -- server --------------------------------------------------------------------------------------
+
 
 @router.get("/api/version")
 async def version() -> dict[str, str]:

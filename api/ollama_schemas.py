@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from api.tool_schemas import ToolChoiceParam, ToolParam, tool_choice_value, tool_dicts
 from errors import InvalidRequest
-from runners.images import image_part
 from runners.base import ResponseFormat, SamplingOptions
+from runners.images import image_part
 from runners.limits import (
     PENALTY_MAX,
     PENALTY_MIN,
@@ -101,7 +101,7 @@ class _GenerateCommon(_ModelRequest):
             return ResponseFormat("json")
         if isinstance(self.format, dict):
             return ResponseFormat("json_schema", self.format)
-        raise InvalidRequest(f"invalid format {self.format!r}: use \"json\" or a JSON schema", param="format")
+        raise InvalidRequest(f'invalid format {self.format!r}: use "json" or a JSON schema', param="format")
 
 
 class ToolCallFunction(BaseModel):
@@ -136,9 +136,14 @@ class Message(BaseModel):
         if self.tool_call_id:
             message["tool_call_id"] = self.tool_call_id
         if self.tool_calls:
-            message["tool_calls"] = [{"id": call.id, "type": "function",
-                                      "function": {"name": call.function.name, "arguments": call.function.arguments}}
-                                     for call in self.tool_calls]
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+                for call in self.tool_calls
+            ]
         if self.thinking:
             message["reasoning_content"] = self.thinking
         return message

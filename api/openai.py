@@ -28,9 +28,9 @@ from runners.base import GenerationRequest, OutputDelta, ResponseFormat, Samplin
 from runners.embedding import embed
 from runners.generation import Completion, Generation, GenerationGroup, GenerationStats, start_generations
 from runners.limits import SEED_MIN
-from runners.output_parsing import finish_reason
 from runners.local_cache import LocalModel, find_local, list_local
 from runners.names import parse_model_name
+from runners.output_parsing import finish_reason
 from runtime import Runtime
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJSONRoute)
@@ -40,9 +40,15 @@ _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 
 # -- models --------------------------------------------------------------------------------------
 
+
 def _model_card(local: LocalModel) -> dict[str, Any]:
     owner, _, _ = local.ref.repo_id.rpartition("/")
-    return {"id": local.ref.name, "object": "model", "created": int(local.modified_at), "owned_by": owner or "huggingface"}
+    return {
+        "id": local.ref.name,
+        "object": "model",
+        "created": int(local.modified_at),
+        "owned_by": owner or "huggingface",
+    }
 
 
 @router.get("/models")
@@ -62,6 +68,7 @@ async def retrieve_model(model: str) -> dict[str, Any]:
 
 # -- embeddings ----------------------------------------------------------------------------------
 
+
 def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
     if encoding == "base64":  # little-endian float32, what the openai client decodes
         return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
@@ -72,13 +79,16 @@ def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
 async def embeddings(body: EmbeddingRequest, runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
     texts = [body.input] if isinstance(body.input, str) else body.input
     result = await embed(runtime.pool, body.model, texts)
-    data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
-            for i, v in enumerate(result.vectors)]
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+        for i, v in enumerate(result.vectors)
+    ]
     usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
     return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
 
 
 # -- completions ---------------------------------------------------------------------------------
+
 
 class _ChatShape:
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
@@ -120,8 +130,12 @@ class _ChatShape:
 
         if entries is None:
             return None
-        return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-                            for e in entries], "refusal": None}
+        return {
+            "content": [
+                {**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries
+            ],
+            "refusal": None,
+        }
 
 
 def _reasoning_fields(text: str) -> dict[str, str]:
@@ -237,7 +251,9 @@ async def _complete(
     if len(bases) * body.n > most:  # could never run: not "busy" (503) but a request to change (400)
         raise InvalidRequest(
             f"{len(bases) * body.n} sequences (n={body.n} per prompt) is more than this server ever runs for one "
-            f"model at once ({most}: MAX_BATCH_SIZE + MAX_QUEUE)", param="n")
+            f"model at once ({most}: MAX_BATCH_SIZE + MAX_QUEUE)",
+            param="n",
+        )
     response_format = await _response_format(body)
     requests = [
         dataclasses.replace(base, options=_sampling(body, max_tokens, sample), response_format=response_format)
@@ -245,8 +261,11 @@ async def _complete(
         for sample in range(body.n)
     ]
     group = await start_generations(runtime.pool, body.model, requests)
-    head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(group.created_at.timestamp()),
-            "model": body.model}
+    head = {
+        "id": f"{shape.id_prefix}-{uuid.uuid4().hex}",
+        "created": int(group.created_at.timestamp()),
+        "model": body.model,
+    }
     if body.stream:
         chunks = await started_stream(group.stream())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -295,7 +314,7 @@ async def _stream_events(
         async for index, piece in pieces:
             for line in events_of(index, piece):
                 yield line
-    except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream, then stop
+    except Exception as exc:
         yield stream_error(exc, "openai")
         return
     if include_usage:

@@ -14,16 +14,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from runners.limits import (
-    PENALTY_MAX,
-    PENALTY_MIN,
-    REPEAT_PENALTY_MAX,
-    REPEAT_PENALTY_MIN,
-    SEED_MAX,
-    SEED_MIN,
-    TOP_K_MAX,
-)
-
 from api.tool_schemas import (
     FunctionDefinition,
     NamedFunction,
@@ -33,8 +23,16 @@ from api.tool_schemas import (
     tool_choice_value,
     tool_dicts,
 )
-
 from runners.images import image_part
+from runners.limits import (
+    PENALTY_MAX,
+    PENALTY_MIN,
+    REPEAT_PENALTY_MAX,
+    REPEAT_PENALTY_MIN,
+    SEED_MAX,
+    SEED_MIN,
+    TOP_K_MAX,
+)
 
 MAX_LOGPROBS = 20  # vLLM's default limit
 
@@ -168,7 +166,8 @@ class ChatMessage(BaseModel):
         message: dict[str, Any] = {"role": role, "content": self.text()}
         if isinstance(self.content, list) and any(part.image_url for part in self.content):
             message["content"] = [
-                image_part(part.image_url.url, f"messages[{index}].content[{i}]", kind="url") if part.image_url
+                image_part(part.image_url.url, f"messages[{index}].content[{i}]", kind="url")
+                if part.image_url
                 else {"type": "text", "text": part.text}
                 for i, part in enumerate(self.content)
             ]
@@ -178,8 +177,11 @@ class ChatMessage(BaseModel):
             message["tool_call_id"] = self.tool_call_id
         if self.tool_calls:
             message["tool_calls"] = [
-                {"id": call.id, "type": "function",
-                 "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments)},
+                }
                 for call in self.tool_calls
             ]
         if self.reasoning_content or self.reasoning:

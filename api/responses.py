@@ -41,8 +41,9 @@ async def create_response(body: ResponsesRequest, runtime: Runtime = Depends(get
     if body.previous_response_id:
         previous = await asyncio.to_thread(runtime.responses.get, body.previous_response_id)
         if previous is None:
-            raise NotFound(f"Previous response with id '{body.previous_response_id}' not found.",
-                           param="previous_response_id")
+            raise NotFound(
+                f"Previous response with id '{body.previous_response_id}' not found.", param="previous_response_id"
+            )
         history = previous.conversation
     conversation = history + body.input_messages()
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
@@ -67,9 +68,14 @@ async def create_response(body: ResponsesRequest, runtime: Runtime = Depends(get
 
     async def finish() -> None:
         if body.store:
-            row = StoredResponse(id=response.id, model=body.model, previous_response_id=body.previous_response_id,
-                                 response=response.snapshot(), conversation=conversation + response.messages(),
-                                 input_items=input_items(body.input))
+            row = StoredResponse(
+                id=response.id,
+                model=body.model,
+                previous_response_id=body.previous_response_id,
+                response=response.snapshot(),
+                conversation=conversation + response.messages(),
+                input_items=input_items(body.input),
+            )
             await asyncio.to_thread(runtime.responses.add, row)
 
     if body.stream:
@@ -94,8 +100,11 @@ async def retrieve_response(response_id: str, runtime: Runtime = Depends(get_run
 
 @router.get("/responses/{response_id}/input_items")
 async def list_input_items(
-    response_id: str, runtime: Runtime = Depends(get_runtime), order: Literal["asc", "desc"] = "desc",
-    limit: int = Query(20, ge=1, le=100), after: str | None = None,
+    response_id: str,
+    runtime: Runtime = Depends(get_runtime),
+    order: Literal["asc", "desc"] = "desc",
+    limit: int = Query(20, ge=1, le=100),
+    after: str | None = None,
 ) -> dict[str, Any]:
     """The input items of a stored response (not those of the responses before it), a page at a time."""
     row = await asyncio.to_thread(runtime.responses.get, response_id)
@@ -106,10 +115,15 @@ async def list_input_items(
         ids = [item["id"] for item in items]
         if after not in ids:
             raise NotFound(f"Input item with id '{after}' not found.", param="after")
-        items = items[ids.index(after) + 1:]
+        items = items[ids.index(after) + 1 :]
     page = items[:limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > limit,
+    }
 
 
 @router.delete("/responses/{response_id}")
@@ -177,20 +191,37 @@ class _Response:
             events.append({"type": "response.reasoning_text.delta", **self._where(), "delta": piece.reasoning})
         if piece.content:
             if self._open is None or self._open["type"] != "message":
-                events += self._add({"id": _new_id("msg"), "type": "message", "status": "in_progress",
-                                     "role": "assistant", "content": []})
+                events += self._add(
+                    {
+                        "id": _new_id("msg"),
+                        "type": "message",
+                        "status": "in_progress",
+                        "role": "assistant",
+                        "content": [],
+                    }
+                )
             self._open["content"][0]["text"] += piece.content  # type: ignore[index]
-            events.append({"type": "response.output_text.delta", **self._where(), "delta": piece.content,
-                           "logprobs": []})
+            events.append(
+                {"type": "response.output_text.delta", **self._where(), "delta": piece.content, "logprobs": []}
+            )
         for call in piece.tool_calls:
             if self._open is None or self._open["type"] != "function_call" or self._open_call != call.index:
-                events += self._add({"id": _new_id("fc"), "type": "function_call", "status": "in_progress",
-                                     "call_id": call.id or _new_id("call"), "name": call.name or "", "arguments": ""})
+                events += self._add(
+                    {
+                        "id": _new_id("fc"),
+                        "type": "function_call",
+                        "status": "in_progress",
+                        "call_id": call.id or _new_id("call"),
+                        "name": call.name or "",
+                        "arguments": "",
+                    }
+                )
                 self._open_call = call.index
             if call.arguments:
                 self._open["arguments"] += call.arguments  # type: ignore[index]
-                events.append({"type": "response.function_call_arguments.delta", **self._where(False),
-                               "delta": call.arguments})
+                events.append(
+                    {"type": "response.function_call_arguments.delta", **self._where(False), "delta": call.arguments}
+                )
         return events
 
     def close(self) -> list[dict[str, Any]]:
@@ -203,15 +234,34 @@ class _Response:
         item["status"] = "completed"
         if item["type"] == "message":
             part = item["content"][0]
-            events += [{"type": "response.output_text.done", **where, "content_index": 0, "text": part["text"],
-                        "logprobs": []},
-                       {"type": "response.content_part.done", **where, "content_index": 0, "part": dict(part)}]
+            events += [
+                {
+                    "type": "response.output_text.done",
+                    **where,
+                    "content_index": 0,
+                    "text": part["text"],
+                    "logprobs": [],
+                },
+                {"type": "response.content_part.done", **where, "content_index": 0, "part": dict(part)},
+            ]
         elif item["type"] == "reasoning":
-            events.append({"type": "response.reasoning_text.done", **where, "content_index": 0,
-                           "text": item["content"][0]["text"]})
+            events.append(
+                {
+                    "type": "response.reasoning_text.done",
+                    **where,
+                    "content_index": 0,
+                    "text": item["content"][0]["text"],
+                }
+            )
         elif item["type"] == "function_call":
-            events.append({"type": "response.function_call_arguments.done", **where, "name": item["name"],
-                           "arguments": item["arguments"]})
+            events.append(
+                {
+                    "type": "response.function_call_arguments.done",
+                    **where,
+                    "name": item["name"],
+                    "arguments": item["arguments"],
+                }
+            )
         events.append({"type": "response.output_item.done", "output_index": where["output_index"], "item": dict(item)})
         return events
 
@@ -229,23 +279,38 @@ class _Response:
             fmt = body.text.format.model_dump(by_alias=True, exclude_none=True)
         usage = None
         if stats is not None:
-            usage = {"input_tokens": stats.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-                     "output_tokens": stats.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                     "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+            usage = {
+                "input_tokens": stats.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": stats.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+            }
         return {
-            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
             "completed_at": self._completed_at(),
-            "error": None, "incomplete_details": incomplete, "instructions": body.instructions,
-            "max_output_tokens": body.max_output_tokens, "model": body.model,
+            "error": None,
+            "incomplete_details": incomplete,
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "model": body.model,
             "output": [dict(item) for item in self.output] if stats is not None else [],
             "parallel_tool_calls": body.parallel_tool_calls is not False,
             "previous_response_id": body.previous_response_id,
             "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
-            "store": body.store, "temperature": 1.0 if body.temperature is None else body.temperature,
-            "text": {"format": fmt}, "tool_choice": body.tool_choice_echo(),
+            "store": body.store,
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "text": {"format": fmt},
+            "tool_choice": body.tool_choice_echo(),
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
-            "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": body.truncation or "disabled",
-            "usage": usage, "user": body.user, "metadata": body.metadata or {},
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "truncation": body.truncation or "disabled",
+            "usage": usage,
+            "user": body.user,
+            "metadata": body.metadata or {},
         }
 
     def _completed_at(self) -> int | None:
@@ -263,8 +328,13 @@ class _Response:
             elif item["type"] == "reasoning":
                 turn["reasoning_content"] = item["content"][0]["text"]
             elif item["type"] == "function_call":
-                turn.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": {
-                    "name": item["name"], "arguments": _arguments(item["arguments"])}})
+                turn.setdefault("tool_calls", []).append(
+                    {
+                        "id": item["call_id"],
+                        "type": "function",
+                        "function": {"name": item["name"], "arguments": _arguments(item["arguments"])},
+                    }
+                )
         return [turn]
 
 
@@ -299,9 +369,12 @@ async def _events(response: _Response, pieces: AsyncIterator[OutputDelta], finis
         for event in response.close():
             yield numbered(event)
         await finish()
-    except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream, then stop
-        error = (openai_error(exc.message, exc.error_type, exc.param) if isinstance(exc, ServerError)
-                 else openai_error(f"{type(exc).__name__}: {exc}", "server_error"))["error"]
+    except Exception as exc:
+        error = (
+            openai_error(exc.message, exc.error_type, exc.param)
+            if isinstance(exc, ServerError)
+            else openai_error(f"{type(exc).__name__}: {exc}", "server_error")
+        )["error"]
         yield numbered({"type": "error", "code": error["type"], "message": error["message"], "param": error["param"]})
         return
     snapshot = response.snapshot()

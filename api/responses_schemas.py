@@ -199,8 +199,9 @@ def input_items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]
         elif kind == "reasoning":
             reasoning += [part.get("text", "") for part in item.get("content") or item.get("summary") or []]
         else:
-            raise InvalidRequest(f"input[{index}]: items of type {kind!r} are not supported by this server",
-                                 param=f"input[{index}]")
+            raise InvalidRequest(
+                f"input[{index}]: items of type {kind!r} are not supported by this server", param=f"input[{index}]"
+            )
     return out
 
 
@@ -210,8 +211,10 @@ def _text(content: Any, index: int) -> str:
     texts = []
     for part in content or []:
         if part.get("type") not in ("input_text", "output_text", "text", "refusal"):
-            raise InvalidRequest(f"input[{index}]: content parts of type {part.get('type')!r} are not supported; "
-                                 "only text", param=f"input[{index}]")
+            raise InvalidRequest(
+                f"input[{index}]: content parts of type {part.get('type')!r} are not supported; only text",
+                param=f"input[{index}]",
+            )
         texts.append(part.get("text") or part.get("refusal") or "")
     return "".join(texts)
 
@@ -219,8 +222,9 @@ def _text(content: Any, index: int) -> str:
 def _required(item: dict[str, Any], field: str, index: int) -> str:
     value = item.get(field)
     if not isinstance(value, str) or not value:
-        raise InvalidRequest(f"input[{index}]: {item.get('type')} items need `{field}`",
-                             param=f"input[{index}].{field}")
+        raise InvalidRequest(
+            f"input[{index}]: {item.get('type')} items need `{field}`", param=f"input[{index}].{field}"
+        )
     return value
 
 

@@ -22,8 +22,7 @@ def stream_generation(
     """`body` formats `generation.stream()`; closing on completion releases the model lease even
     when the client disconnects before the first chunk (the generator would then never start)."""
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(body, media_type=media_type, headers=headers,
-                             background=BackgroundTask(generation.close))
+    return StreamingResponse(body, media_type=media_type, headers=headers, background=BackgroundTask(generation.close))
 
 
 def sse_event(payload: dict[str, Any] | str) -> str:

@@ -91,8 +91,13 @@ async def diag() -> dict[str, Any]:
     try:
         import torch
     except ImportError:
-        return {"torch_installed": False, "torch_version": None, "cuda_available": False, "cuda_count": 0,
-                "cuda_devices": []}
+        return {
+            "torch_installed": False,
+            "torch_version": None,
+            "cuda_available": False,
+            "cuda_count": 0,
+            "cuda_devices": [],
+        }
     cuda = torch.cuda.is_available()
     count = torch.cuda.device_count() if cuda else 0
     return {

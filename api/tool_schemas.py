@@ -47,8 +47,9 @@ def tool_choice_value(choice: ToolChoiceParam, tools: list[dict[str, Any]] | Non
     names = {t["function"]["name"] for t in tools or []}
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:
-            raise InvalidRequest(f"tool_choice names {choice.function.name!r}, which is not one of `tools`",
-                                 param="tool_choice")
+            raise InvalidRequest(
+                f"tool_choice names {choice.function.name!r}, which is not one of `tools`", param="tool_choice"
+            )
         return {"type": "function", "function": {"name": choice.function.name}}
     if choice == "required" and not names:
         raise InvalidRequest("tool_choice 'required' needs `tools`", param="tool_choice")

@@ -24,8 +24,8 @@ from typing import Any
 from bench.baselines import run_baseline, server_dtype
 from bench.loadgen import DIALECTS, run_round, server_ttft, single_stream_ttfts, summarize
 from bench.plot import render
-from bench.vllm_server import vllm_own_server
 from bench.report import markdown, targets, write_json
+from bench.vllm_server import vllm_own_server
 from tests.support.server_process import running_server
 from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
 
@@ -56,28 +56,45 @@ def machine() -> dict[str, str]:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return {"description": f"{platform.machine()}, {os.cpu_count()} CPU cores, {device}, torch {torch.__version__}",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "description": f"{platform.machine()}, {os.cpu_count()} CPU cores, {device}, torch {torch.__version__}",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def baseline_rows(backend: str, kind: str, measured: dict[int, dict[str, float]], max_tokens: int) -> list[dict]:
-    return [{"backend": backend, "kind": kind, "dialect": None, "concurrency": level, "ttft_p50_ms": m["ttft_ms"],
-             "tokens_per_second": m["tokens_per_second"], "requests_per_second": m["tokens_per_second"] / max_tokens}
-            for level, m in measured.items()]
+    return [
+        {
+            "backend": backend,
+            "kind": kind,
+            "dialect": None,
+            "concurrency": level,
+            "ttft_p50_ms": m["ttft_ms"],
+            "tokens_per_second": m["tokens_per_second"],
+            "requests_per_second": m["tokens_per_second"] / max_tokens,
+        }
+        for level, m in measured.items()
+    ]
 
 
-def http_rows(url: str, backend: str, kind: str, levels: list[int], args: argparse.Namespace,
-              dialects: tuple[str, ...] = DIALECTS) -> list[dict[str, Any]]:
+def http_rows(
+    url: str, backend: str, kind: str, levels: list[int], args: argparse.Namespace, dialects: tuple[str, ...] = DIALECTS
+) -> list[dict[str, Any]]:
     rows = []
     asyncio.run(run_round(url, dialects[0], MODEL, PROMPT, 2, 1))  # load and warm up
     for dialect in dialects:
         for level in levels:
-            rounds = [asyncio.run(run_round(url, dialect, MODEL, PROMPT, args.max_tokens, level))
-                      for _ in range(args.repeats)]
-            rows.append({"backend": backend, "kind": kind, "dialect": dialect, "concurrency": level,
-                         **summarize(rounds)})
-            print(f"  {backend} {kind} {dialect} x{level}: {rows[-1]['tokens_per_second']:.0f} tok/s, load generator "
-                  f"{rows[-1]['client_cpu_cores']:.2f} cores", flush=True)
+            rounds = [
+                asyncio.run(run_round(url, dialect, MODEL, PROMPT, args.max_tokens, level)) for _ in range(args.repeats)
+            ]
+            rows.append(
+                {"backend": backend, "kind": kind, "dialect": dialect, "concurrency": level, **summarize(rounds)}
+            )
+            print(
+                f"  {backend} {kind} {dialect} x{level}: {rows[-1]['tokens_per_second']:.0f} tok/s, load generator "
+                f"{rows[-1]['client_cpu_cores']:.2f} cores",
+                flush=True,
+            )
     return rows
 
 
@@ -89,8 +106,13 @@ def server_memory(url: str, backend: str) -> dict[str, Any]:
 
     [entry] = [m for m in httpx.get(f"{url}/models").json()["models"] if m["model"] == MODEL]
     rss = sum(p.memory_info().rss for p in psutil.Process().children(recursive=True))
-    return {"backend": backend, "quantization": entry["quantization"], "reason": entry["quantization_reason"],
-            "model_bytes": entry["memory_bytes"], "server_rss_bytes": rss}
+    return {
+        "backend": backend,
+        "quantization": entry["quantization"],
+        "reason": entry["quantization_reason"],
+        "model_bytes": entry["memory_bytes"],
+        "server_rss_bytes": rss,
+    }
 
 
 def single_stream_rows(url: str, backend: str, samples: int) -> list[dict[str, Any]]:
@@ -101,9 +123,16 @@ def single_stream_rows(url: str, backend: str, samples: int) -> list[dict[str, A
         sum_before, count_before = server_ttft(url)
         ttfts = asyncio.run(single_stream_ttfts(url, dialect, MODEL, PROMPT, samples))
         sum_after, count_after = server_ttft(url)
-        rows.append({"backend": backend, "dialect": dialect, "samples": samples,
-                     "http_p50_ms": statistics.median(ttfts) * 1000, "http_mean_ms": statistics.mean(ttfts) * 1000,
-                     "server_mean_ms": (sum_after - sum_before) / (count_after - count_before) * 1000})
+        rows.append(
+            {
+                "backend": backend,
+                "dialect": dialect,
+                "samples": samples,
+                "http_p50_ms": statistics.median(ttfts) * 1000,
+                "http_mean_ms": statistics.mean(ttfts) * 1000,
+                "server_mean_ms": (sum_after - sum_before) / (count_after - count_before) * 1000,
+            }
+        )
     return rows
 
 
@@ -117,9 +146,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         root = Path(tmp)
         heads = max(1, args.hidden // 64)  # head size 64: vLLM's CPU attention has kernels for it
-        source = build_tiny_llama(root / "model", hidden_size=args.hidden, layers=args.layers,
-                                  intermediate_size=args.hidden * 8 // 3, heads=heads, context=2048,
-                                  dtype=args.dtype)
+        source = build_tiny_llama(
+            root / "model",
+            hidden_size=args.hidden,
+            layers=args.layers,
+            intermediate_size=args.hidden * 8 // 3,
+            heads=heads,
+            context=2048,
+            dtype=args.dtype,
+        )
         install_into_hf_cache(source, root / "hf" / "hub", MODEL)
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -128,17 +163,28 @@ def main() -> None:
             parameters = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).num_parameters()
         results: dict[str, Any] = {
             "machine": machine(),
-            "config": {"parameters": parameters, "max_tokens": args.max_tokens, "repeats": args.repeats,
-                       "ttft_samples": args.ttft_samples,
-                       "prompt_tokens": len(AutoTokenizer.from_pretrained(source)(PROMPT)["input_ids"]),
-                       "concurrency": levels, "reference_concurrency": 8 if 8 in levels else max(levels)},
+            "config": {
+                "parameters": parameters,
+                "max_tokens": args.max_tokens,
+                "repeats": args.repeats,
+                "ttft_samples": args.ttft_samples,
+                "prompt_tokens": len(AutoTokenizer.from_pretrained(source)(PROMPT)["input_ids"]),
+                "concurrency": levels,
+                "reference_concurrency": 8 if 8 in levels else max(levels),
+            },
             "rows": [],
             "single_stream_ttft": [],
             "memory": [],
         }
-        base_env = {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "DATA_DIR": str(root / "data"),
-                    "BENTOML_HOME": str(root / "bentoml"), "MAX_BATCH_SIZE": str(max(levels)), "MAX_QUEUE": "256",
-                    "KEEP_ALIVE": "-1"}
+        base_env = {
+            "HF_HOME": str(root / "hf"),
+            "HF_ENDPOINT": "http://127.0.0.1:9",
+            "DATA_DIR": str(root / "data"),
+            "BENTOML_HOME": str(root / "bentoml"),
+            "MAX_BATCH_SIZE": str(max(levels)),
+            "MAX_QUEUE": "256",
+            "KEEP_ALIVE": "-1",
+        }
         for backend in backends:
             server_env = {**base_env, "BACKEND": backend}
             measure = (args.max_tokens, args.repeats, args.ttft_samples, levels)
@@ -156,8 +202,9 @@ def main() -> None:
                 results["memory"].append(server_memory(url, backend))
         if "vllm" in backends:
             print("vllm: vLLM's own OpenAI server, the same engine settings", flush=True)
-            with vllm_own_server(source, MODEL, server_dtype(source), max(levels), base_env,
-                                 root / "vllm-server.log") as url:
+            with vllm_own_server(
+                source, MODEL, server_dtype(source), max(levels), base_env, root / "vllm-server.log"
+            ) as url:
                 results["rows"] += http_rows(url, "vllm", "vllm-server", levels, args, ("openai", "openai-json"))
         if "transformers" in backends:
             print("transformers: one request at a time", flush=True)

@@ -25,13 +25,31 @@ from pathlib import Path
 _ENGINE_ENV = {"vllm": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}}
 
 
-def run_baseline(engine: str, model: str, prompt: str, max_tokens: int, repeats: int, ttft_samples: int,
-                 batches: list[int], env: dict[str, str] | None = None) -> dict[int, dict[str, float]]:
+def run_baseline(
+    engine: str,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    repeats: int,
+    ttft_samples: int,
+    batches: list[int],
+    env: dict[str, str] | None = None,
+) -> dict[int, dict[str, float]]:
     """{batch size: {"tokens_per_second", "ttft_ms"}} for `engine` ("transformers", "vllm" or "runner");
     `env` adds to the environment (the runner reads the server's settings from it)."""
     env = {**os.environ, **_ENGINE_ENV.get(engine, {}), **(env or {})}
-    args = [sys.executable, "-m", "bench.baselines", engine, model, prompt, str(max_tokens), str(repeats),
-            str(ttft_samples), *map(str, batches)]
+    args = [
+        sys.executable,
+        "-m",
+        "bench.baselines",
+        engine,
+        model,
+        prompt,
+        str(max_tokens),
+        str(repeats),
+        str(ttft_samples),
+        *map(str, batches),
+    ]
     done = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
         raise RuntimeError(f"the {engine} baseline failed:\n{done.stderr[-3000:]}")
@@ -45,15 +63,22 @@ def server_dtype(model_dir: Path) -> str:
     from runners.quantization import bf16_cpu_feature, decide_precision
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = decide_precision("auto", weight_bytes=0, threshold_bytes=1, device=device,
-                                 config=json.loads((model_dir / "config.json").read_text()), bnb_available=False,
-                                 bf16_supported=device == "cuda" and torch.cuda.is_bf16_supported(),
-                                 cpu_bf16=bf16_cpu_feature())
+    precision = decide_precision(
+        "auto",
+        weight_bytes=0,
+        threshold_bytes=1,
+        device=device,
+        config=json.loads((model_dir / "config.json").read_text()),
+        bnb_available=False,
+        bf16_supported=device == "cuda" and torch.cuda.is_bf16_supported(),
+        cpu_bf16=bf16_cpu_feature(),
+    )
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision.mode]
 
 
-def _transformers(model_dir: str, prompt: str, max_tokens: int, repeats: int, ttft_samples: int,
-                  batches: list[int]) -> dict:
+def _transformers(
+    model_dir: str, prompt: str, max_tokens: int, repeats: int, ttft_samples: int, batches: list[int]
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,8 +91,13 @@ def _transformers(model_dir: str, prompt: str, max_tokens: int, repeats: int, tt
         inputs = tokenizer([prompt] * batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         started = time.perf_counter()
         with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id)
+            model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - started
@@ -124,16 +154,22 @@ def _runner(model: str, prompt: str, max_tokens: int, repeats: int, ttft_samples
         loop.run_until_complete(pool.close())
 
 
-def _measure(generate: Callable[[int, int], float], max_tokens: int, repeats: int, ttft_samples: int,
-             batches: list[int]) -> dict:
+def _measure(
+    generate: Callable[[int, int], float], max_tokens: int, repeats: int, ttft_samples: int, batches: list[int]
+) -> dict:
     """Median throughput of `repeats` full-length runs, and median time to a first token (a one-token
     run) over `ttft_samples` runs: prefill times vary by a few ms, and TTFT targets are that fine."""
     generate(1, 2)  # warm up
     gc.collect()  # loading leaves a full collection due (~0.2 s on this heap): not inside a timed run
-    return {batch: {"tokens_per_second": statistics.median(batch * max_tokens / generate(batch, max_tokens)
-                                                           for _ in range(repeats)),
-                    "ttft_ms": statistics.median(generate(batch, 1) for _ in range(ttft_samples)) * 1000}
-            for batch in batches}
+    return {
+        batch: {
+            "tokens_per_second": statistics.median(
+                batch * max_tokens / generate(batch, max_tokens) for _ in range(repeats)
+            ),
+            "ttft_ms": statistics.median(generate(batch, 1) for _ in range(ttft_samples)) * 1000,
+        }
+        for batch in batches
+    }
 
 
 if __name__ == "__main__":

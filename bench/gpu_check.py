@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from runners.base import GenerationRequest, SamplingOptions
-from runners.prepare import prepare_prompt
 from runners.local_cache import LocalModel
 from runners.names import ModelRef
+from runners.prepare import prepare_prompt
 from runners.quantization import Precision, bf16_cpu_feature, bitsandbytes_available, decide_precision
 from runners.transformers import TransformersRunner
 from tests.support.tiny_models import build_tokenizer
@@ -68,15 +68,25 @@ def build_model(root: Path, hidden: int, layers: int, vocab: int, device: str) -
     build_tokenizer(root, chat_template=False)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(root)
     heads = max(1, hidden // 64)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), max_position_embeddings=2048,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, dtype="bfloat16")
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="bfloat16",
+    )
     torch.manual_seed(0)
     with torch.device(device):  # initialising 0.5B parameters on the GPU takes a second, on a CPU much longer
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                                               pad_token_id=config.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
     model.save_pretrained(root, safe_serialization=True)
     del model
     weights = sum(p.stat().st_size for p in root.glob("*.safetensors"))
@@ -99,8 +109,9 @@ def runner_rate(runner: TransformersRunner, streams: int, max_tokens: int) -> fl
     async def one() -> int:
         options = SamplingOptions(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         count = 0
-        prepared = prepare_prompt(runner.tokenizer, GenerationRequest(prompt=PROMPT, options=options),
-                                  runner.context_length)
+        prepared = prepare_prompt(
+            runner.tokenizer, GenerationRequest(prompt=PROMPT, options=options), runner.context_length
+        )
         async for chunk in runner.generate(prepared):
             count = chunk.completion_tokens or count
         return count
@@ -121,8 +132,13 @@ def generate_rate(model: Any, tokenizer: Any, device: str, streams: int, max_tok
     synchronize(device)
     started = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     synchronize(device)
     elapsed = time.perf_counter() - started
     return (out.shape[1] - inputs["input_ids"].shape[1]) * streams / elapsed
@@ -156,15 +172,25 @@ def bytes_per_token(model: Any) -> int:
 def check_nf4(local: LocalModel, device: str, max_tokens: int) -> dict[str, Any]:
     import bitsandbytes as bnb
 
-    precision = decide_precision("q4", weight_bytes=local.weight_bytes, threshold_bytes=0, device=device,
-                                 config=local.config(), bnb_available=True)
+    precision = decide_precision(
+        "q4",
+        weight_bytes=local.weight_bytes,
+        threshold_bytes=0,
+        device=device,
+        config=local.config(),
+        bnb_available=True,
+    )
     runner = load(local, precision, device, 1)
     try:
         four_bit = [m for m in runner._hf_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         runner_rate(runner, 1, 4)  # warm up
         rate = runner_rate(runner, 1, max_tokens)
-        return {"mode": precision.mode, "linear4bit_layers": len(four_bit),
-                "memory_mib": runner.memory_bytes() / 2**20, "tok_s_1_stream": rate}
+        return {
+            "mode": precision.mode,
+            "linear4bit_layers": len(four_bit),
+            "memory_mib": runner.memory_bytes() / 2**20,
+            "tok_s_1_stream": rate,
+        }
     finally:
         runner.unload()
 
@@ -174,23 +200,42 @@ def main() -> None:
     levels = [int(n) for n in args.levels.split(",")]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()})"
-    results: dict[str, Any] = {"device": card, "torch": torch.__version__, "levels": levels,
-                               "max_tokens": args.max_tokens, "rows": []}
+    results: dict[str, Any] = {
+        "device": card,
+        "torch": torch.__version__,
+        "levels": levels,
+        "max_tokens": args.max_tokens,
+        "rows": [],
+    }
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         local = build_model(Path(tmp), args.hidden, args.layers, args.vocab, device)
-        precision = decide_precision("auto", weight_bytes=local.weight_bytes, threshold_bytes=1 << 40, device=device,
-                                     config=local.config(), bnb_available=bitsandbytes_available(),
-                                     bf16_supported=device == "cuda" and torch.cuda.is_bf16_supported(),
-                                     cpu_bf16=bf16_cpu_feature() if device == "cpu" else None)
+        precision = decide_precision(
+            "auto",
+            weight_bytes=local.weight_bytes,
+            threshold_bytes=1 << 40,
+            device=device,
+            config=local.config(),
+            bnb_available=bitsandbytes_available(),
+            bf16_supported=device == "cuda" and torch.cuda.is_bf16_supported(),
+            cpu_bf16=bf16_cpu_feature() if device == "cpu" else None,
+        )
         runner = load(local, precision, device, max(levels))
         model = runner._hf_model
         dtypes = sorted({str(p.dtype) for p in model.parameters()})
         devices = sorted({p.device.type for p in model.parameters()})
-        results["load"] = {"decision": precision.mode, "reason": precision.reason, "dtypes": dtypes,
-                           "devices": devices, "parameters": model.num_parameters()}
-        print(f"Loaded {model.num_parameters() / 1e6:.0f}M parameters as {precision.mode} ({precision.reason}): "
-              f"tensors {dtypes} on {devices}", flush=True)
+        results["load"] = {
+            "decision": precision.mode,
+            "reason": precision.reason,
+            "dtypes": dtypes,
+            "devices": devices,
+            "parameters": model.num_parameters(),
+        }
+        print(
+            f"Loaded {model.num_parameters() / 1e6:.0f}M parameters as {precision.mode} ({precision.reason}): "
+            f"tensors {dtypes} on {devices}",
+            flush=True,
+        )
         if device == "cuda":
             assert precision.mode == "bf16" and dtypes == ["torch.bfloat16"] and devices == ["cuda"], results["load"]
 
@@ -198,23 +243,30 @@ def main() -> None:
         generate_rate(model, runner.tokenizer, device, 2, 4)
         for streams in levels:
             ours = max(runner_rate(runner, streams, args.max_tokens) for _ in range(args.repeats))
-            theirs = max(generate_rate(model, runner.tokenizer, device, streams, args.max_tokens)
-                         for _ in range(args.repeats))
+            theirs = max(
+                generate_rate(model, runner.tokenizer, device, streams, args.max_tokens) for _ in range(args.repeats)
+            )
             results["rows"].append({"streams": streams, "runner_tok_s": ours, "generate_tok_s": theirs})
-            print(f"  {streams} streams: runner {ours:.0f} tok/s, generate {theirs:.0f} tok/s "
-                  f"({time.perf_counter() - began:.0f}s so far)", flush=True)
+            print(
+                f"  {streams} streams: runner {ours:.0f} tok/s, generate {theirs:.0f} tok/s "
+                f"({time.perf_counter() - began:.0f}s so far)",
+                flush=True,
+            )
 
         bandwidth = copy_bandwidth(device, 256 if args.quick else 2048)
         per_token = bytes_per_token(model)
-        results["bandwidth"] = {"copy_bytes_per_s": bandwidth, "weight_bytes_per_token": per_token,
-                                "limit_tok_s": bandwidth / per_token}
+        results["bandwidth"] = {
+            "copy_bytes_per_s": bandwidth,
+            "weight_bytes_per_token": per_token,
+            "limit_tok_s": bandwidth / per_token,
+        }
         runner.unload()
         del model, runner
         gc.collect()
         if bitsandbytes_available():
             try:
                 results["nf4"] = check_nf4(local, device, args.max_tokens)
-            except Exception as exc:  # noqa: BLE001 - reported, the rest of the results still stand
+            except Exception as exc:
                 results["nf4"] = {"error": f"{type(exc).__name__}: {exc}"}
         else:
             results["nf4"] = {"error": "bitsandbytes is not installed"}
@@ -230,26 +282,42 @@ def main() -> None:
 
 def markdown(results: dict[str, Any]) -> str:
     load, bw = results["load"], results["bandwidth"]
-    lines = [f"Device: {results['device']}, torch {results['torch']}. Random Llama, "
-             f"{load['parameters'] / 1e6:.0f}M parameters, loaded as {load['decision']} ({load['reason']}); "
-             f"{results['max_tokens']} tokens per stream, `ignore_eos`, greedy; best of the runs.", "",
-             "| streams | server's runner tok/s | transformers `generate` tok/s | runner ÷ generate |",
-             "|---:|---:|---:|---:|"]
-    lines += [f"| {r['streams']} | {r['runner_tok_s']:.0f} | {r['generate_tok_s']:.0f} | "
-              f"{r['runner_tok_s'] / r['generate_tok_s']:.2f}× |" for r in results["rows"]]
+    lines = [
+        f"Device: {results['device']}, torch {results['torch']}. Random Llama, "
+        f"{load['parameters'] / 1e6:.0f}M parameters, loaded as {load['decision']} ({load['reason']}); "
+        f"{results['max_tokens']} tokens per stream, `ignore_eos`, greedy; best of the runs.",
+        "",
+        "| streams | server's runner tok/s | transformers `generate` tok/s | runner ÷ generate |",
+        "|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['streams']} | {r['runner_tok_s']:.0f} | {r['generate_tok_s']:.0f} | "
+        f"{r['runner_tok_s'] / r['generate_tok_s']:.2f}× |"
+        for r in results["rows"]
+    ]
     limit = bw["limit_tok_s"]
-    lines += ["", f"Memory bandwidth (device-to-device copy): {bw['copy_bytes_per_s'] / 1e9:.0f} GB/s; weights read "
-              f"per token: {bw['weight_bytes_per_token'] / 1e6:.0f} MB; batch-1 limit {limit:.0f} tok/s."]
+    lines += [
+        "",
+        f"Memory bandwidth (device-to-device copy): {bw['copy_bytes_per_s'] / 1e9:.0f} GB/s; weights read "
+        f"per token: {bw['weight_bytes_per_token'] / 1e6:.0f} MB; batch-1 limit {limit:.0f} tok/s.",
+    ]
     first = next((r for r in results["rows"] if r["streams"] == 1), None)
     if first:
-        lines.append(f"Batch-1 decode: runner {first['runner_tok_s'] / limit:.1%} of the bandwidth limit, "
-                     f"`generate` {first['generate_tok_s'] / limit:.1%}.")
+        lines.append(
+            f"Batch-1 decode: runner {first['runner_tok_s'] / limit:.1%} of the bandwidth limit, "
+            f"`generate` {first['generate_tok_s'] / limit:.1%}."
+        )
     nf4 = results["nf4"]
-    lines.append(f"nf4: {nf4['error']}" if "error" in nf4 else
-                 f"nf4: loaded as {nf4['mode']}, {nf4['linear4bit_layers']} Linear4bit layers, "
-                 f"{nf4['memory_mib']:.0f} MiB, {nf4['tok_s_1_stream']:.0f} tok/s at one stream.")
-    lines.append(f"Whole check: {results['seconds']:.0f} s; service packages imported: "
-                 f"{', '.join(results['service_modules_imported']) or 'none'}.")
+    lines.append(
+        f"nf4: {nf4['error']}"
+        if "error" in nf4
+        else f"nf4: loaded as {nf4['mode']}, {nf4['linear4bit_layers']} Linear4bit layers, "
+        f"{nf4['memory_mib']:.0f} MiB, {nf4['tok_s_1_stream']:.0f} tok/s at one stream."
+    )
+    lines.append(
+        f"Whole check: {results['seconds']:.0f} s; service packages imported: "
+        f"{', '.join(results['service_modules_imported']) or 'none'}."
+    )
     return "\n".join(lines)
 
 

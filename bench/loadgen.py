@@ -43,13 +43,30 @@ def _request(dialect: str, model: str, prompt: str, max_tokens: int) -> tuple[st
     """The request for `dialect` (streaming, or one JSON body for "openai-json"), with a fixed output
     length (ignore_eos)."""
     if dialect == "openai-json":
-        return "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                                   "ignore_eos": True}
+        return "/v1/completions", {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
     if dialect == "openai":
-        return "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                                   "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    return "/api/generate", {"model": model, "prompt": prompt, "raw": True, "stream": True,
-                             "options": {"num_predict": max_tokens, "temperature": 0, "ignore_eos": True}}
+        return "/v1/completions", {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    return "/api/generate", {
+        "model": model,
+        "prompt": prompt,
+        "raw": True,
+        "stream": True,
+        "options": {"num_predict": max_tokens, "temperature": 0, "ignore_eos": True},
+    }
 
 
 def _parse(dialect: str, line: str) -> tuple[bool, int | None]:
@@ -106,8 +123,12 @@ def server_ttft(url: str) -> tuple[float, float]:
     """(sum in seconds, count) of the server's own time_to_first_token_seconds, from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    samples = {s.name: s.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-               for s in family.samples if s.name.startswith("time_to_first_token_seconds")}
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        for s in family.samples
+        if s.name.startswith("time_to_first_token_seconds")
+    }
     return samples.get("time_to_first_token_seconds_sum", 0.0), samples.get("time_to_first_token_seconds_count", 0.0)
 
 

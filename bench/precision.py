@@ -58,25 +58,40 @@ def measure(url: str, backend: str, levels: list[int], args: argparse.Namespace)
                 result = asyncio.run(run_round(url, "openai", name, PROMPT, args.max_tokens, level))
                 rates[dtype].append(result.tokens_per_second)
         paired = [b / f for f, b in zip(rates["float32"], rates["bfloat16"], strict=True)]
-        rows.append({"backend": backend, "concurrency": level,
-                     **{f"{dtype}_tok_s": statistics.median(r) for dtype, r in rates.items()},
-                     "ratio": statistics.median(paired), "ratios": paired,
-                     **{f"{dtype}_loaded_as": models[name]["quantization"] for dtype, name in MODELS.items()},
-                     **{f"{dtype}_mib": models[name]["memory_bytes"] / 2**20 for dtype, name in MODELS.items()}})
-        print(f"  {backend} x{level}: float32 {rows[-1]['float32_tok_s']:.0f}, bf16 {rows[-1]['bfloat16_tok_s']:.0f} "
-              f"tok/s, paired ratio {rows[-1]['ratio']:.2f}", flush=True)
+        rows.append(
+            {
+                "backend": backend,
+                "concurrency": level,
+                **{f"{dtype}_tok_s": statistics.median(r) for dtype, r in rates.items()},
+                "ratio": statistics.median(paired),
+                "ratios": paired,
+                **{f"{dtype}_loaded_as": models[name]["quantization"] for dtype, name in MODELS.items()},
+                **{f"{dtype}_mib": models[name]["memory_bytes"] / 2**20 for dtype, name in MODELS.items()},
+            }
+        )
+        print(
+            f"  {backend} x{level}: float32 {rows[-1]['float32_tok_s']:.0f}, bf16 {rows[-1]['bfloat16_tok_s']:.0f} "
+            f"tok/s, paired ratio {rows[-1]['ratio']:.2f}",
+            flush=True,
+        )
     return rows
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    lines = [f"Machine: {machine()['description']}. {args.max_tokens} output tokens per request, OpenAI SSE, "
-             f"{args.repeats} paired rounds per level (medians).", "",
-             "| backend | streams | float32 checkpoint: loaded as | tok/s | model MiB "
-             "| bf16 checkpoint: loaded as | tok/s | model MiB | bf16 ÷ float32 (paired) |",
-             "|---|---:|---|---:|---:|---|---:|---:|---:|"]
-    lines += [f"| {r['backend']} | {r['concurrency']} | {r['float32_loaded_as']} | {r['float32_tok_s']:.0f} | "
-              f"{r['float32_mib']:.0f} | {r['bfloat16_loaded_as']} | {r['bfloat16_tok_s']:.0f} | "
-              f"{r['bfloat16_mib']:.0f} | {r['ratio']:.2f}× |" for r in rows]
+    lines = [
+        f"Machine: {machine()['description']}. {args.max_tokens} output tokens per request, OpenAI SSE, "
+        f"{args.repeats} paired rounds per level (medians).",
+        "",
+        "| backend | streams | float32 checkpoint: loaded as | tok/s | model MiB "
+        "| bf16 checkpoint: loaded as | tok/s | model MiB | bf16 ÷ float32 (paired) |",
+        "|---|---:|---|---:|---:|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['backend']} | {r['concurrency']} | {r['float32_loaded_as']} | {r['float32_tok_s']:.0f} | "
+        f"{r['float32_mib']:.0f} | {r['bfloat16_loaded_as']} | {r['bfloat16_tok_s']:.0f} | "
+        f"{r['bfloat16_mib']:.0f} | {r['ratio']:.2f}× |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -87,14 +102,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
         root = Path(tmp)
         for dtype, name in MODELS.items():  # the same seed: the same weights, bf16 being them rounded
-            source = build_tiny_llama(root / dtype, hidden_size=args.hidden, layers=args.layers,
-                                      intermediate_size=args.hidden * 8 // 3, heads=max(1, args.hidden // 64),
-                                      context=2048, dtype=dtype)
+            source = build_tiny_llama(
+                root / dtype,
+                hidden_size=args.hidden,
+                layers=args.layers,
+                intermediate_size=args.hidden * 8 // 3,
+                heads=max(1, args.hidden // 64),
+                context=2048,
+                dtype=dtype,
+            )
             install_into_hf_cache(source, root / "hf" / "hub", name)
         for backend in args.backends.split(","):
-            env = {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "DATA_DIR": str(root / "data"),
-                   "BENTOML_HOME": str(root / "bentoml"), "MAX_BATCH_SIZE": str(max(levels)), "MAX_QUEUE": "256",
-                   "KEEP_ALIVE": "-1", "MAX_CACHE_MODELS": "2", "BACKEND": backend}
+            env = {
+                "HF_HOME": str(root / "hf"),
+                "HF_ENDPOINT": "http://127.0.0.1:9",
+                "DATA_DIR": str(root / "data"),
+                "BENTOML_HOME": str(root / "bentoml"),
+                "MAX_BATCH_SIZE": str(max(levels)),
+                "MAX_QUEUE": "256",
+                "KEEP_ALIVE": "-1",
+                "MAX_CACHE_MODELS": "2",
+                "BACKEND": backend,
+            }
             print(f"{backend}: both checkpoints in one server", flush=True)
             with running_server(env, root / f"{backend}.log") as url:
                 rows += measure(url, backend, levels, args)

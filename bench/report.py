@@ -10,8 +10,17 @@ _COLUMNS = ("ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms", "tokens_pe
 
 
 def _find(rows: list[dict], backend: str, kind: str, concurrency: int, dialect: str | None = None) -> dict | None:
-    return next((r for r in rows if r["backend"] == backend and r["kind"] == kind
-                 and r["concurrency"] == concurrency and (dialect is None or r["dialect"] == dialect)), None)
+    return next(
+        (
+            r
+            for r in rows
+            if r["backend"] == backend
+            and r["kind"] == kind
+            and r["concurrency"] == concurrency
+            and (dialect is None or r["dialect"] == dialect)
+        ),
+        None,
+    )
 
 
 def _http_added_ms(single: dict[str, Any]) -> float:
@@ -31,67 +40,111 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         http, inproc = find(backend, "http", c, "openai"), find(backend, "in-process", c)
         if http and inproc:
             ratio = http["tokens_per_second"] / inproc["tokens_per_second"]
-            checks.append({"target": f"{backend}: {c} streams over HTTP ≥ {floor}× in-process tok/s",
-                           "measured": f"{ratio:.2f}×", "met": ratio >= floor})
+            checks.append(
+                {
+                    "target": f"{backend}: {c} streams over HTTP ≥ {floor}× in-process tok/s",
+                    "measured": f"{ratio:.2f}×",
+                    "met": ratio >= floor,
+                }
+            )
         # Paired: the same requests timed by the client and inside the server, so a machine that
         # speeds up or slows down between the benchmark's phases does not enter the difference.
         single = [t for t in results["single_stream_ttft"] if t["backend"] == backend]
         if single:
             added = {t["dialect"]: _http_added_ms(t) for t in single}
-            checks.append({"target": f"{backend}: HTTP and BentoML add ≤ 10 ms to TTFT (1 stream)",
-                           "measured": ", ".join(f"{ms:+.1f} ms ({dialect})" for dialect, ms in added.items()),
-                           "met": max(added.values()) <= 10})
+            checks.append(
+                {
+                    "target": f"{backend}: HTTP and BentoML add ≤ 10 ms to TTFT (1 stream)",
+                    "measured": ", ".join(f"{ms:+.1f} ms ({dialect})" for dialect, ms in added.items()),
+                    "met": max(added.values()) <= 10,
+                }
+            )
         # Unpaired, as the target reads literally: the server's whole path against the raw engine.
         if single and (first := find(backend, "in-process", 1)):
             over = {t["dialect"]: t["http_p50_ms"] - first["ttft_p50_ms"] for t in single}
-            checks.append({"target": f"{backend}: median TTFT over HTTP ≤ raw in-process engine's + 10 ms",
-                           "measured": ", ".join(f"{ms:+.1f} ms ({dialect})" for dialect, ms in over.items()),
-                           "met": max(over.values()) <= 10})
+            checks.append(
+                {
+                    "target": f"{backend}: median TTFT over HTTP ≤ raw in-process engine's + 10 ms",
+                    "measured": ", ".join(f"{ms:+.1f} ms ({dialect})" for dialect, ms in over.items()),
+                    "met": max(over.values()) <= 10,
+                }
+            )
     # The issue's target 1: this server's vLLM path against vLLM's own server, same engine settings.
     for row in results["rows"]:
         if row["backend"] == "vllm" and row["kind"] == "vllm-server":
             ours = find("vllm", "http", row["concurrency"], row["dialect"])
             if ours:
                 ratio = ours["tokens_per_second"] / row["tokens_per_second"]
-                checks.append({"target": f"vllm: {row['concurrency']} streams ({row['dialect']}) ≥ 0.95× vLLM's "
-                                         "own OpenAI server", "measured": f"{ratio:.2f}×", "met": ratio >= 0.95})
+                checks.append(
+                    {
+                        "target": f"vllm: {row['concurrency']} streams ({row['dialect']}) ≥ 0.95× vLLM's "
+                        "own OpenAI server",
+                        "measured": f"{ratio:.2f}×",
+                        "met": ratio >= 0.95,
+                    }
+                )
     http, serial = find("transformers", "http", c, "openai"), find("transformers", "one-at-a-time", c, "openai")
     if http and serial:
         ratio = http["tokens_per_second"] / serial["tokens_per_second"]
-        checks.append({"target": f"transformers: {c} streams ≥ 4× one-at-a-time serving",
-                       "measured": f"{ratio:.1f}×", "met": ratio >= 4})
+        checks.append(
+            {
+                "target": f"transformers: {c} streams ≥ 4× one-at-a-time serving",
+                "measured": f"{ratio:.1f}×",
+                "met": ratio >= 4,
+            }
+        )
     return checks
 
 
 def markdown(results: dict[str, Any]) -> str:
     config, machine = results["config"], results["machine"]
     lines = [
-        (f"Model: random-weight Llama, {config['parameters'] / 1e6:.1f}M parameters; prompt {config['prompt_tokens']}"
-         f" tokens, {config['max_tokens']} output tokens per request; {config['repeats']} repeats (medians)."),
+        (
+            f"Model: random-weight Llama, {config['parameters'] / 1e6:.1f}M parameters; prompt {config['prompt_tokens']}"
+            f" tokens, {config['max_tokens']} output tokens per request; {config['repeats']} repeats (medians)."
+        ),
         f"Machine: {machine['description']}.",
         "",
-        ("| backend | measured | dialect | concurrency | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms "
-         "| tok/s | req/s |"),
+        (
+            "| backend | measured | dialect | concurrency | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms "
+            "| tok/s | req/s |"
+        ),
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["rows"]:
         cells = [f"{row[k]:.1f}" if row.get(k) is not None else "" for k in _COLUMNS]
-        lines.append(f"| {row['backend']} | {row['kind']} | {row['dialect'] or ''} | {row['concurrency']} | "
-                     + " | ".join(cells) + " |")
-    lines += ["", (f"Time to first token at one stream: {config['ttft_samples']} requests one after another, "
-                   "timed by the client and by the server itself (its /metrics); in-process: a one-token "
-                   "`generate`, measured earlier in the run."), "",
-              ("| backend | dialect | in-process p50 ms | HTTP p50 ms | HTTP mean ms | server-side mean ms "
-               "| added by HTTP ms |"),
-              "|---|---|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {row['backend']} | {row['kind']} | {row['dialect'] or ''} | {row['concurrency']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += [
+        "",
+        (
+            f"Time to first token at one stream: {config['ttft_samples']} requests one after another, "
+            "timed by the client and by the server itself (its /metrics); in-process: a one-token "
+            "`generate`, measured earlier in the run."
+        ),
+        "",
+        (
+            "| backend | dialect | in-process p50 ms | HTTP p50 ms | HTTP mean ms | server-side mean ms "
+            "| added by HTTP ms |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for t in results["single_stream_ttft"]:
         first = _find(results["rows"], t["backend"], "in-process", 1)  # absent when 1 is not a level run
         in_process = f"{first['ttft_p50_ms']:.1f}" if first else ""
-        lines.append(f"| {t['backend']} | {t['dialect']} | {in_process} | {t['http_p50_ms']:.1f} | "
-                     f"{t['http_mean_ms']:.1f} | {t['server_mean_ms']:.1f} | {_http_added_ms(t):+.1f} |")
+        lines.append(
+            f"| {t['backend']} | {t['dialect']} | {in_process} | {t['http_p50_ms']:.1f} | "
+            f"{t['http_mean_ms']:.1f} | {t['server_mean_ms']:.1f} | {_http_added_ms(t):+.1f} |"
+        )
     lines += ["", "| backend | loaded as | model MiB | server processes RSS MiB |", "|---|---|---:|---:|"]
-    lines += [f"| {m['backend']} | {m['quantization']} | {m['model_bytes'] / 2**20:.0f} | "
-              f"{m['server_rss_bytes'] / 2**20:.0f} |" for m in results.get("memory", [])]
+    lines += [
+        f"| {m['backend']} | {m['quantization']} | {m['model_bytes'] / 2**20:.0f} | "
+        f"{m['server_rss_bytes'] / 2**20:.0f} |"
+        for m in results.get("memory", [])
+    ]
     lines += ["", "| target | measured | met |", "|---|---:|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in results["targets"]]
     return "\n".join(lines)

@@ -20,8 +20,7 @@ PROMPT, CONTINUATION = ">>> ", "... "
 # The sampling options the server reads (Ollama's names). Whole numbers for these; floats for the
 # others; `stop` is a list.
 INT_OPTIONS = frozenset({"top_k", "num_predict", "seed", "repeat_last_n", "num_ctx"})
-FLOAT_OPTIONS = frozenset({"temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty",
-                           "frequency_penalty"})
+FLOAT_OPTIONS = frozenset({"temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"})
 HELP = """Available commands:
   /set parameter NAME VALUE   set a sampling option (temperature, top_p, top_k, num_predict, seed, stop, ...)
   /set system TEXT            set the system message
@@ -115,15 +114,19 @@ def answer(server: Server, session: ChatSession, messages: list[dict[str, str]])
 
 def print_stats(final: dict[str, Any]) -> None:
     """`--verbose`: the final answer's timings, as `ollama run --verbose` shows them."""
+
     def seconds(key: str) -> float:
         return (final.get(key) or 0) / 1e9
 
     rate = final.get("eval_count", 0) / seconds("eval_duration") if seconds("eval_duration") else 0.0
-    err.print(f"\ntotal duration:       {seconds('total_duration'):.3f}s\n"
-              f"load duration:        {seconds('load_duration'):.3f}s\n"
-              f"prompt eval count:    {final.get('prompt_eval_count', 0)} token(s)\n"
-              f"eval count:           {final.get('eval_count', 0)} token(s)\n"
-              f"eval rate:            {rate:.2f} tokens/s", style="dim")
+    err.print(
+        f"\ntotal duration:       {seconds('total_duration'):.3f}s\n"
+        f"load duration:        {seconds('load_duration'):.3f}s\n"
+        f"prompt eval count:    {final.get('prompt_eval_count', 0)} token(s)\n"
+        f"eval count:           {final.get('eval_count', 0)} token(s)\n"
+        f"eval rate:            {rate:.2f} tokens/s",
+        style="dim",
+    )
 
 
 def run_once(server: Server, session: ChatSession, prompt: str) -> None:
@@ -132,6 +135,7 @@ def run_once(server: Server, session: ChatSession, prompt: str) -> None:
 
 
 # -- the interactive session ------------------------------------------------------------------------
+
 
 def interactive(server: Server, session: ChatSession) -> None:
     try:

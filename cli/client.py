@@ -67,12 +67,11 @@ class Server:
     @contextmanager
     def stream_lines(self, path: str, body: dict[str, Any], model: str | None = None) -> Iterator[Iterator[dict]]:
         """POST and yield the NDJSON answer line by line; an in-band `{"error"}` line raises CliError."""
-        with self._connect():
-            with self.http.stream("POST", path, json=body) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    self._json(response, model)
-                yield self._ndjson(response)
+        with self._connect(), self.http.stream("POST", path, json=body) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._json(response, model)
+            yield self._ndjson(response)
 
     @staticmethod
     def _ndjson(response: httpx.Response) -> Iterator[dict]:
@@ -103,8 +102,7 @@ class Server:
             detail = None
         detail = detail if isinstance(detail, str) else response.text.strip() or response.reason_phrase
         if response.status_code == 401:
-            raise CliError("the server needs an API key: pass --api-key KEY or set AI_SERVER_API_KEY "
-                           f"({detail})")
+            raise CliError(f"the server needs an API key: pass --api-key KEY or set AI_SERVER_API_KEY ({detail})")
         if response.status_code == 404 and model is not None and "model" in detail:
             raise CliError(not_pulled(model))
         raise CliError(f"{detail} (HTTP {response.status_code})")

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from cli import chat, pull as pulling
+from cli import chat
+from cli import pull as pulling
 from cli.client import CliError, Server
 from cli.render import ago, err, out, section, short_digest, size, table
 
@@ -20,11 +21,19 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-HostOption = Annotated[str | None, typer.Option(
-    "--host", envvar=["AI_SERVER_HOST", "OLLAMA_HOST"], show_envvar=True,
-    help="The server: a URL or host[:port] (default http://localhost:8005).")]
-KeyOption = Annotated[str | None, typer.Option(
-    "--api-key", envvar="AI_SERVER_API_KEY", show_envvar=True, help="A key from the server's API_KEYS.")]
+HostOption = Annotated[
+    str | None,
+    typer.Option(
+        "--host",
+        envvar=["AI_SERVER_HOST", "OLLAMA_HOST"],
+        show_envvar=True,
+        help="The server: a URL or host[:port] (default http://localhost:8005).",
+    ),
+]
+KeyOption = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="AI_SERVER_API_KEY", show_envvar=True, help="A key from the server's API_KEYS."),
+]
 
 
 class Quantize(str, Enum):
@@ -38,11 +47,13 @@ class Quantize(str, Enum):
 
 # -- the server ------------------------------------------------------------------------------------
 
+
 @app.command()
 def serve(
     port: Annotated[int, typer.Option("--port", "-p", envvar="PORT", show_envvar=True)] = 8005,
-    host: Annotated[str | None, typer.Option("--host", help="The address to listen on (default: every interface).")]
-    = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="The address to listen on (default: every interface).")
+    ] = None,
 ) -> None:
     """Start the server, as `make serve` does; settings come from the environment (see README)."""
     from cli.serve import serve as start
@@ -51,6 +62,7 @@ def serve(
 
 
 # -- models ------------------------------------------------------------------------------------------
+
 
 @app.command()
 def pull(
@@ -71,9 +83,14 @@ def run(
     think: Annotated[bool, typer.Option("--think", help="Ask the model to think first (shown dimmed).")] = False,
     keepalive: Annotated[str | None, typer.Option(help="How long the model stays loaded: 5m, 1h, 0.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Print timings after each answer.")] = False,
-    parameter: Annotated[list[str] | None, typer.Option(
-        "--parameter", metavar="NAME=VALUE",
-        help="A sampling option, as `/set parameter` sets it (temperature=0, num_predict=64); repeatable.")] = None,
+    parameter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--parameter",
+            metavar="NAME=VALUE",
+            help="A sampling option, as `/set parameter` sets it (temperature=0, num_predict=64); repeatable.",
+        ),
+    ] = None,
     host: HostOption = None,
     api_key: KeyOption = None,
 ) -> None:
@@ -111,8 +128,16 @@ def list_models(
     for m in tags:
         native = loaded.get(_untagged(m["name"]))
         state = f"{native['backend']}, {native['quantization']}" if native else "-"
-        rows.append((m["name"], short_digest(m.get("digest")), size(m.get("size")),
-                     m["details"].get("quantization_level", "-"), state, ago(m.get("modified_at"))))
+        rows.append(
+            (
+                m["name"],
+                short_digest(m.get("digest")),
+                size(m.get("size")),
+                m["details"].get("quantization_level", "-"),
+                state,
+                ago(m.get("modified_at")),
+            )
+        )
     out.print(table(("NAME", "ID", "SIZE", "PRECISION", "LOADED", "MODIFIED"), rows))
 
 
@@ -128,9 +153,18 @@ def ps(
     rows = []
     for m in running:
         processor = "100% GPU" if m.get("size_vram") else "100% CPU"
-        rows.append((m["name"], short_digest(m.get("digest")), size(m.get("size")),
-                     m["details"].get("quantization_level", "-"), backends.get(_untagged(m["name"]), "-"),
-                     processor, str(m.get("context_length") or "-"), ago(m.get("expires_at"))))
+        rows.append(
+            (
+                m["name"],
+                short_digest(m.get("digest")),
+                size(m.get("size")),
+                m["details"].get("quantization_level", "-"),
+                backends.get(_untagged(m["name"]), "-"),
+                processor,
+                str(m.get("context_length") or "-"),
+                ago(m.get("expires_at")),
+            )
+        )
     out.print(table(("NAME", "ID", "SIZE", "PRECISION", "BACKEND", "PROCESSOR", "CONTEXT", "UNTIL"), rows))
 
 
@@ -148,10 +182,14 @@ def show(
         return
     details, model_info = info.get("details", {}), info.get("model_info", {})
     arch = model_info.get("general.architecture") or details.get("family", "-")
-    rows = [("architecture", arch), ("parameters", details.get("parameter_size") or "-"),
-            ("context length", model_info.get(f"{arch}.context_length")),
-            ("embedding length", model_info.get(f"{arch}.embedding_length")),
-            ("precision", details.get("quantization_level")), ("format", details.get("format"))]
+    rows = [
+        ("architecture", arch),
+        ("parameters", details.get("parameter_size") or "-"),
+        ("context length", model_info.get(f"{arch}.context_length")),
+        ("embedding length", model_info.get(f"{arch}.embedding_length")),
+        ("precision", details.get("quantization_level")),
+        ("format", details.get("format")),
+    ]
     section("Model", [(k, str(v)) for k, v in rows if v is not None])
     section("Capabilities", [(c, "") for c in info.get("capabilities", [])])
     parameters = [line.split(maxsplit=1) for line in (info.get("parameters") or "").splitlines() if line.strip()]
@@ -190,8 +228,16 @@ def jobs(
         progress = f"{size(done)} / {size(total)}" if total else "-"
         if total and job["status"] in ("running", "queued"):
             progress += f" ({100 * done // total}%)"
-        rows.append((job["id"][:8], job["model"], job["status"], progress, ago(job.get("created_at")),
-                     job.get("load_error") or job.get("error") or ""))
+        rows.append(
+            (
+                job["id"][:8],
+                job["model"],
+                job["status"],
+                progress,
+                ago(job.get("created_at")),
+                job.get("load_error") or job.get("error") or "",
+            )
+        )
     out.print(table(("ID", "MODEL", "STATUS", "PROGRESS", "CREATED", "ERROR"), rows))
 
 
@@ -207,5 +253,3 @@ def main() -> None:
     except CliError as exc:
         err.print(f"Error: {exc.message}", markup=False, highlight=False, soft_wrap=True)
         raise SystemExit(exc.exit_code) from None
-
-

@@ -29,14 +29,18 @@ FINISHED = ("succeeded", "failed", "cancelled")
 def pull(server: Server, model: str, quantize: str, load: bool) -> dict[str, Any]:
     """Start the pull and follow it to the end; returns the finished job, raises CliError if it failed."""
     job_id = server.post("/pull", {"model": model, "quantize": quantize, "init": load})["job_id"]
-    again = f"ai-server pull {model}" + (f" --quantize {quantize}" if quantize != "auto" else "") + \
-        (" --load" if load else "")
+    again = (
+        f"ai-server pull {model}"
+        + (f" --quantize {quantize}" if quantize != "auto" else "")
+        + (" --load" if load else "")
+    )
     try:
         job = follow(server, job_id)
     except KeyboardInterrupt:
         raise CliError(
             f"stopped following; the pull goes on in the server (job {job_id}). Follow it again with "
-            f"`{again}`, or see it in `ai-server jobs`.", exit_code=130,
+            f"`{again}`, or see it in `ai-server jobs`.",
+            exit_code=130,
         ) from None
     if job["status"] != "succeeded":
         reason = job.get("load_error") or job.get("error") or job["status"]
@@ -50,8 +54,13 @@ def pull(server: Server, model: str, quantize: str, load: bool) -> dict[str, Any
 
 def follow(server: Server, job_id: str) -> dict[str, Any]:
     """Poll the job until it finishes, drawing its byte progress (on a terminal: a live bar)."""
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err) as progress:
         task: TaskID | None = None
         while True:

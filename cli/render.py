@@ -41,8 +41,15 @@ def ago(text: str | None, now: datetime | None = None) -> str:
     seconds = abs(delta)
     if seconds < 1:
         return "Now"
-    for unit, length in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400), ("day", 86400),
-                         ("hour", 3600), ("minute", 60), ("second", 1)):
+    for unit, length in (
+        ("year", 365 * 86400),
+        ("month", 30 * 86400),
+        ("week", 7 * 86400),
+        ("day", 86400),
+        ("hour", 3600),
+        ("minute", 60),
+        ("second", 1),
+    ):
         if seconds >= length:
             count = int(seconds // length)
             words = f"{count} {unit}{'s' if count != 1 else ''}"

@@ -16,8 +16,17 @@ def serve_command(host: str | None, port: int) -> list[str]:
     spec = importlib.util.find_spec("service")
     if spec is None or spec.origin is None:
         raise CliError("the ai-server service is not installed here: run `pip install .` in the project first")
-    command = [sys.executable, "-m", "bentoml", "serve", "service:AIServer", "--port", str(port),
-               "--working-dir", str(Path(spec.origin).parent)]
+    command = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "service:AIServer",
+        "--port",
+        str(port),
+        "--working-dir",
+        str(Path(spec.origin).parent),
+    ]
     return [*command, "--host", host] if host else command
 
 

@@ -159,8 +159,12 @@ class Puller:
         waits for the running one (one download per repo) and then finds the files in the cache.
         """
         job = PullJob(
-            model=ref.name, revision=ref.revision, quantize=quantize, init=init,
-            repo_id=ref.repo_id, active_key=active_key(ref.name, init),
+            model=ref.name,
+            revision=ref.revision,
+            quantize=quantize,
+            init=init,
+            repo_id=ref.repo_id,
+            active_key=active_key(ref.name, init),
         )
         joinable = [active_key(ref.name, True)] if init else [active_key(ref.name, False), active_key(ref.name, True)]
         job = await asyncio.to_thread(self.store.add_or_join, job, joinable)
@@ -210,8 +214,9 @@ class Puller:
         for job_id in set(ids) - kept:
             active = self._active.get(job_id)
             if active is not None and active.task is not None and not active.task.done():
-                log.warning("lost pull job %s (%s): its lease expired and another replica took it",
-                            job_id, active.job.model)
+                log.warning(
+                    "lost pull job %s (%s): its lease expired and another replica took it", job_id, active.job.model
+                )
                 self._lose(active)
 
     async def _claim_while_free(self) -> None:
@@ -283,8 +288,13 @@ class Puller:
             lease = await self._pool.acquire(job.model, quantize=cast(QuantizeRequest, job.quantize))
         except Exception as exc:
             reason = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
-            await self._finish(job, "failed", loaded=False, load_error=reason,
-                               error=f"the download succeeded, but loading the model failed: {reason}")
+            await self._finish(
+                job,
+                "failed",
+                loaded=False,
+                load_error=reason,
+                error=f"the download succeeded, but loading the model failed: {reason}",
+            )
             return
         mode = lease.runner.precision.mode
         await lease.release()
@@ -487,11 +497,15 @@ def describe_failure(exc: BaseException, ref: ModelRef) -> str:
     """A sentence a user can act on, for the ways a pull fails."""
     endpoint = hub_endpoint()
     if isinstance(exc, GatedRepoError):
-        return (f"'{ref.repo_id}' is a gated model on {endpoint}: accept its conditions on the model page, "
-                "then set HF_TOKEN to a token of that account")
+        return (
+            f"'{ref.repo_id}' is a gated model on {endpoint}: accept its conditions on the model page, "
+            "then set HF_TOKEN to a token of that account"
+        )
     if isinstance(exc, RepositoryNotFoundError):
-        return (f"model '{ref.repo_id}' was not found on {endpoint} (check the name; if the repository is "
-                "private, set HF_TOKEN to a token that can read it)")
+        return (
+            f"model '{ref.repo_id}' was not found on {endpoint} (check the name; if the repository is "
+            "private, set HF_TOKEN to a token that can read it)"
+        )
     if isinstance(exc, RevisionNotFoundError):
         return f"revision '{ref.revision}' was not found in '{ref.repo_id}' on {endpoint}"
     if isinstance(exc, HfHubHTTPError):

@@ -116,7 +116,9 @@ class JobStore:
     def page(self, limit: int, offset: int) -> tuple[list[PullJob], int]:
         """Newest first: `limit` jobs after skipping `offset`, and how many jobs there are in all."""
         with Session(self.engine) as session:
-            query = select(PullJob).order_by(col(PullJob.created_at).desc(), col(PullJob.id)).offset(offset).limit(limit)
+            query = (
+                select(PullJob).order_by(col(PullJob.created_at).desc(), col(PullJob.id)).offset(offset).limit(limit)
+            )
             total = session.exec(select(func.count()).select_from(PullJob)).one()
             return list(session.exec(query)), total
 
@@ -147,15 +149,12 @@ class JobStore:
         candidate, other = aliased(PullJob, name="candidate"), aliased(PullJob, name="other")
         busy_repo = exists().where(other.repo_lock == candidate.repo_id, other.id != candidate.id)
         pick = (
-            select(candidate.id)
-            .where(_claimable(candidate, now), ~busy_repo)
-            .order_by(candidate.created_at)
-            .limit(1)
+            select(candidate.id).where(_claimable(candidate, now), ~busy_repo).order_by(candidate.created_at).limit(1)
         )
         if self._postgres:
             pick = pick.with_for_update(skip_locked=True, of=candidate)
-        takeover_note = literal("resumed: the replica running it (") + col(PullJob.owner) + literal(
-            ") stopped renewing its lease"
+        takeover_note = (
+            literal("resumed: the replica running it (") + col(PullJob.owner) + literal(") stopped renewing its lease")
         )
         claim = (
             update(PullJob)
@@ -205,8 +204,14 @@ class JobStore:
         """End `owner`'s job: its keys are freed, so the next pull of the model makes a new job."""
         fields.setdefault("error", None)  # a success clears what an earlier attempt left
         return self.update_owned(
-            job_id, owner, status=status, finished_at=utcnow(), active_key=None, repo_lock=None,
-            lease_expires_at=None, **fields,
+            job_id,
+            owner,
+            status=status,
+            finished_at=utcnow(),
+            active_key=None,
+            repo_lock=None,
+            lease_expires_at=None,
+            **fields,
         )
 
     def hand_back(self, owner: str) -> int:
@@ -214,8 +219,12 @@ class JobStore:
         stmt = (
             update(PullJob)
             .where(col(PullJob.owner) == owner, col(PullJob.status) == "running")
-            .values(status="queued", lease_expires_at=None, repo_lock=None,
-                    note=f"resumed: handed back by replica {owner} when it stopped")
+            .values(
+                status="queued",
+                lease_expires_at=None,
+                repo_lock=None,
+                note=f"resumed: handed back by replica {owner} when it stopped",
+            )
         )
         with self.engine.begin() as conn:
             return int(conn.execute(stmt).rowcount or 0)

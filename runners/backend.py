@@ -41,15 +41,19 @@ def choose_backend(setting: str, *, device: str, config: dict[str, Any], precisi
         archs = ", ".join(config.get("architectures") or [])
         return BackendChoice("vllm", f"BACKEND={setting}: vLLM supports {archs} on {device}")
     if setting == "vllm":
-        raise ModelLoadFailed(f"BACKEND=vllm, but vLLM cannot serve this model: {obstacle} (BACKEND=auto falls back to transformers)")
+        raise ModelLoadFailed(
+            f"BACKEND=vllm, but vLLM cannot serve this model: {obstacle} (BACKEND=auto falls back to transformers)"
+        )
     return BackendChoice("transformers", f"{obstacle}: using transformers")
 
 
 # Why vision models run on transformers, on every device: vLLM's CPU build cannot import its
 # vision models (they import torchvision, which cannot load beside CPU torch; shared/DESIGN.md), and
 # this server does not yet hand images to vLLM's multimodal inputs, which only a GPU build could test.
-VISION_OBSTACLE = ("a vision model: images are served by transformers (vLLM's CPU build cannot import its "
-                   "vision models, which need torchvision; vLLM's multimodal inputs are not wired here)")
+VISION_OBSTACLE = (
+    "a vision model: images are served by transformers (vLLM's CPU build cannot import its "
+    "vision models, which need torchvision; vLLM's multimodal inputs are not wired here)"
+)
 
 
 def vllm_obstacle(device: str, config: dict[str, Any], precision: Precision) -> str | None:
@@ -66,7 +70,9 @@ def vllm_obstacle(device: str, config: dict[str, Any], precision: Precision) -> 
     except ImportError as exc:
         return f"vLLM is installed but cannot be imported ({exc})"
     if current_platform.device_type != device:
-        return f"the installed vLLM build runs on {current_platform.device_type or 'no device it supports'}, not {device}"
+        return (
+            f"the installed vLLM build runs on {current_platform.device_type or 'no device it supports'}, not {device}"
+        )
     archs = config.get("architectures") or []
     if not any(arch in ModelRegistry.get_supported_archs() for arch in archs):
         return f"architecture {', '.join(archs) or '(none named)'} is not supported by vLLM"
@@ -98,7 +104,11 @@ def _cpu_attention_obstacle(config: dict[str, Any]) -> str | None:
 
 
 def load_runner(
-    choice: BackendChoice, model: LocalModel, precision: Precision, device: str, trust_remote_code: bool,
+    choice: BackendChoice,
+    model: LocalModel,
+    precision: Precision,
+    device: str,
+    trust_remote_code: bool,
     settings: Settings,
 ) -> Runner:
     """Load `model` on the chosen engine (blocking)."""
@@ -108,6 +118,12 @@ def load_runner(
         return VllmRunner.load(model, precision, device, trust_remote_code, settings)
     from runners.transformers import TransformersRunner
 
-    return TransformersRunner.load(model, precision, device, trust_remote_code,
-                                   max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                                   gpus=settings.tensor_parallel_size)
+    return TransformersRunner.load(
+        model,
+        precision,
+        device,
+        trust_remote_code,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        gpus=settings.tensor_parallel_size,
+    )

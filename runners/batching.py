@@ -66,8 +66,13 @@ class Sequence:
     def advance(self, logits: torch.Tensor) -> bool:
         """Consume this sequence's next-token logits row; True when the sequence has finished."""
         constraint = self._constraint
-        token = next_token(constraint.mask(logits) if constraint else logits, self.options, self.context,
-                           self.generated, self._generator)
+        token = next_token(
+            constraint.mask(logits) if constraint else logits,
+            self.options,
+            self.context,
+            self.generated,
+            self._generator,
+        )
         if constraint:
             constraint.accept(token)
         if token in self._eos_ids and not self.options.ignore_eos:
@@ -96,8 +101,9 @@ class Sequence:
     def _finish(self, reason: FinishReason, text: str | None = None) -> bool:
         # EOS: text held back as a possible stop sequence is output after all.
         tail = self._stops.flush() if text is None else text
-        self._send(tail, finish_reason=reason, prompt_tokens=len(self.prompt_ids),
-                   completion_tokens=len(self.generated))
+        self._send(
+            tail, finish_reason=reason, prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated)
+        )
         return True
 
     def _send(self, text: str, **final: Any) -> None:
@@ -157,8 +163,13 @@ class KVBatch:
         """One token for every row; finished rows leave the batch."""
         inputs = torch.tensor([[s.last_token] for s in self.rows], device=self.mask.device)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        out = model(input_ids=inputs, attention_mask=self.mask, position_ids=self.positions[:, None],
-                    past_key_values=self.cache, use_cache=True)
+        out = model(
+            input_ids=inputs,
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
         self.positions += 1
         logits = out.logits[:, -1]
         done = [_advance_or_fail(row, logits[i]) for i, row in enumerate(self.rows)]
@@ -196,7 +207,7 @@ def _advance_or_fail(row: Sequence, logits: torch.Tensor) -> bool:
     leaves the batch; the other rows keep decoding. True when the row is done either way."""
     try:
         return row.advance(logits)
-    except Exception as exc:  # noqa: BLE001 - delivered to the one request it ends
+    except Exception as exc:
         row.fail(exc)
         return True
 
@@ -293,7 +304,7 @@ class BatchScheduler:
         """A failure (out of memory, a bad grammar) ends the sequences involved, not the loop."""
         try:
             work()
-        except Exception as exc:  # noqa: BLE001 - delivered to each request it ends
+        except Exception as exc:
             for batch in self._batches:
                 if set(batch.rows) & set(rows):
                     batch.rows = []
@@ -331,12 +342,17 @@ class BatchScheduler:
         ids = torch.zeros(len(sequences), width, dtype=torch.long, device=device)  # padding: masked out
         mask = torch.zeros_like(ids)
         for i, sequence in enumerate(sequences):
-            ids[i, width - len(sequence.prompt_ids):] = torch.tensor(sequence.prompt_ids, device=device)
-            mask[i, width - len(sequence.prompt_ids):] = 1
+            ids[i, width - len(sequence.prompt_ids) :] = torch.tensor(sequence.prompt_ids, device=device)
+            mask[i, width - len(sequence.prompt_ids) :] = 1
         try:
-            out = self._model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                              use_cache=True, **self._last_logits)
-        except Exception:  # noqa: BLE001 - retried alone, where a failure reaches only its own request
+            out = self._model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                use_cache=True,
+                **self._last_logits,
+            )
+        except Exception:
             return
         rows = list(sequences)
         batch = KVBatch.prefilled(rows, out.past_key_values, mask)
@@ -346,7 +362,7 @@ class BatchScheduler:
             try:
                 if not row.advance(logits[i]):
                     running.append(i)
-            except Exception as exc:  # noqa: BLE001 - a bad grammar ends its own request only
+            except Exception as exc:
                 row.fail(exc)
         batch.keep(running)
         if batch.rows:
@@ -365,8 +381,10 @@ class BatchScheduler:
         once: after the prefill the images live in the KV cache and decoding is text only."""
         inputs, sequence.model_inputs = sequence.model_inputs, {}
         device, dtype = self._model.device, self._model.dtype
-        return {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
-                for k, v in inputs.items()}
+        return {
+            k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+            for k, v in inputs.items()
+        }
 
     def _drop_cancelled(self) -> None:
         for batch in self._batches:

@@ -52,6 +52,11 @@ def merge(first: Chunk, then: Chunk) -> Chunk:
     logprobs = None
     if first.logprobs is not None or then.logprobs is not None:
         logprobs = [*(first.logprobs or []), *(then.logprobs or [])]
-    return Chunk(first.text + then.text, finish_reason=then.finish_reason, prompt_tokens=then.prompt_tokens,
-                 completion_tokens=then.completion_tokens, logprobs=logprobs,
-                 token_ids=[*first.token_ids, *then.token_ids])
+    return Chunk(
+        first.text + then.text,
+        finish_reason=then.finish_reason,
+        prompt_tokens=then.prompt_tokens,
+        completion_tokens=then.completion_tokens,
+        logprobs=logprobs,
+        token_ids=[*first.token_ids, *then.token_ids],
+    )

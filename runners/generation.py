@@ -50,8 +50,9 @@ class Generation:
     not fit, tools the model cannot call) were raised by `start_generation`, before any response
     byte, so they get a proper status code."""
 
-    def __init__(self, model: str, lease: Lease, prepared: PreparedPrompt, parser: OutputParser,
-                 started_ns: int) -> None:
+    def __init__(
+        self, model: str, lease: Lease, prepared: PreparedPrompt, parser: OutputParser, started_ns: int
+    ) -> None:
         self.model = model
         self.created_at = datetime.now(timezone.utc)
         self.request = prepared.request
@@ -62,7 +63,7 @@ class Generation:
         self.stats: GenerationStats | None = None
 
     @property
-    def runner(self):  # noqa: ANN201 - the runner type depends on the backend
+    def runner(self):
         return self._lease.runner
 
     @property
@@ -165,7 +166,7 @@ class GenerationGroup:
             try:
                 async for chunk in generation.stream():
                     await queue.put((index, chunk))
-            except Exception as exc:  # noqa: BLE001 - re-raised by the consumer below
+            except Exception as exc:
                 await queue.put((index, exc))
             await queue.put((index, None))
 

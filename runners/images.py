@@ -42,8 +42,13 @@ def image_part(source: str, where: str, kind: str = "base64") -> dict[str, Any]:
 
 def image_parts(messages: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """Every image part of `messages`, in order."""
-    return [part for m in messages or [] if isinstance(m.get("content"), list)
-            for part in m["content"] if part.get("type") == "image"]
+    return [
+        part
+        for m in messages or []
+        if isinstance(m.get("content"), list)
+        for part in m["content"]
+        if part.get("type") == "image"
+    ]
 
 
 def has_images(request: GenerationRequest) -> bool:
@@ -57,8 +62,11 @@ def decode_request_images(request: GenerationRequest, settings: Settings) -> Gen
     if not parts:
         return request
     if len(parts) > settings.max_images_per_request:
-        raise InvalidRequest(f"{len(parts)} images in one request; at most {settings.max_images_per_request} "
-                             "are accepted (MAX_IMAGES_PER_REQUEST)", param="messages")
+        raise InvalidRequest(
+            f"{len(parts)} images in one request; at most {settings.max_images_per_request} "
+            "are accepted (MAX_IMAGES_PER_REQUEST)",
+            param="messages",
+        )
     decoded = {id(part): _decode(part["image"], settings) for part in parts if isinstance(part["image"], ImageInput)}
 
     def swap(message: dict[str, Any]) -> dict[str, Any]:
@@ -83,8 +91,9 @@ def _base64_bytes(image: ImageInput, max_bytes: int) -> bytes:
     if image.kind == "url":  # data:[<media type>][;base64],<data>
         header, comma, text = text.partition(",")
         if not comma or not header.endswith(";base64"):
-            raise InvalidRequest(f"{image.where}: a data URL must be base64 (data:image/png;base64,...)",
-                                 param=image.where)
+            raise InvalidRequest(
+                f"{image.where}: a data URL must be base64 (data:image/png;base64,...)", param=image.where
+            )
     if len(text) * 3 // 4 > max_bytes + 3:  # checked before decoding: base64 grows data by 4/3
         raise InvalidRequest(f"{image.where}: the image is over {max_bytes} bytes (MAX_IMAGE_BYTES)", param=image.where)
     try:
@@ -115,8 +124,9 @@ def open_image(data: bytes, where: str, max_pixels: int) -> Any:
             raise refuse(f"unsupported image format {known} (use {', '.join(FORMATS)})") from None
         raise refuse(f"not an image (expected {', '.join(FORMATS)})") from None
     except Image.DecompressionBombError:
-        raise refuse(f"the image has too many pixels (a decompression bomb?); the limit is {max_pixels} "
-                     "(MAX_IMAGE_PIXELS)") from None
+        raise refuse(
+            f"the image has too many pixels (a decompression bomb?); the limit is {max_pixels} (MAX_IMAGE_PIXELS)"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise refuse(f"the image could not be decoded ({exc})") from None
 
@@ -128,7 +138,7 @@ def _format_of(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.format
-    except Exception:  # noqa: BLE001 - anything Pillow cannot identify is "not an image"
+    except Exception:
         return None
 
 
@@ -144,19 +154,23 @@ def _fetch(image: ImageInput, settings: Settings) -> bytes:
     if not any(url.startswith(prefix.rstrip("/") + "/") for prefix in settings.image_url_allowlist):
         raise InvalidRequest(
             f"{image.where}: this server does not fetch remote images (the URL is not in IMAGE_URL_ALLOWLIST); "
-            "send the image inline as a data URL (data:image/png;base64,...)", param=image.where)
+            "send the image inline as a data URL (data:image/png;base64,...)",
+            param=image.where,
+        )
     limit = settings.max_image_bytes
     try:
         with httpx.stream("GET", url, timeout=settings.image_fetch_timeout, follow_redirects=False) as response:
             if response.status_code != 200:
-                raise InvalidRequest(f"{image.where}: fetching the image answered HTTP {response.status_code}",
-                                     param=image.where)
+                raise InvalidRequest(
+                    f"{image.where}: fetching the image answered HTTP {response.status_code}", param=image.where
+                )
             chunks, size = [], 0
             for chunk in response.iter_bytes():
                 size += len(chunk)
                 if size > limit:
-                    raise InvalidRequest(f"{image.where}: the image is over {limit} bytes (MAX_IMAGE_BYTES)",
-                                         param=image.where)
+                    raise InvalidRequest(
+                        f"{image.where}: the image is over {limit} bytes (MAX_IMAGE_BYTES)", param=image.where
+                    )
                 chunks.append(chunk)
             return b"".join(chunks)
     except httpx.HTTPError as exc:

@@ -48,5 +48,7 @@ def fit_prompt(tokenizer: Any, text: str, context_length: int, *, truncate: bool
         return text
     if truncate:
         return text[:most]
-    raise InvalidRequest(f"input is {len(text)} characters, more than the model's context of {context_length} "
-                         f"tokens can hold (at most {most} characters with this tokenizer)")
+    raise InvalidRequest(
+        f"input is {len(text)} characters, more than the model's context of {context_length} "
+        f"tokens can hold (at most {most} characters with this tokenizer)"
+    )

@@ -146,8 +146,10 @@ def copy_model(source: LocalModel, destination: ModelRef) -> LocalModel:
     real = source.path.resolve()
     current = find_local(destination)
     if current is not None and current.path.resolve() == real:
-        raise InvalidRequest(f"'{destination.name}' already is '{source.ref.name}' (the same files): nothing to copy",
-                             param="destination")
+        raise InvalidRequest(
+            f"'{destination.name}' already is '{source.ref.name}' (the same files): nothing to copy",
+            param="destination",
+        )
     root = repo_dir(destination.repo_id)
     snapshot = root / "snapshots" / source.commit
     snapshot.parent.mkdir(parents=True, exist_ok=True)
@@ -156,8 +158,11 @@ def copy_model(source: LocalModel, destination: ModelRef) -> LocalModel:
     if not snapshot.is_symlink() and not snapshot.exists():
         snapshot.symlink_to(real, target_is_directory=True)
     elif snapshot.resolve() != real:
-        raise InvalidRequest(f"'{destination.repo_id}' holds its own files for revision {source.commit}; "
-                             "delete it before copying onto it", param="destination")
+        raise InvalidRequest(
+            f"'{destination.repo_id}' holds its own files for revision {source.commit}; "
+            "delete it before copying onto it",
+            param="destination",
+        )
     ref_file = root / "refs" / (destination.revision or "main")
     ref_file.parent.mkdir(parents=True, exist_ok=True)
     ref_file.write_text(source.commit)
@@ -182,8 +187,9 @@ def delete_model(ref: ModelRef) -> bool:
     others = {p.read_text().strip() for p in other_refs}
     snapshot = root / "snapshots" / commit
     if commit not in others and not snapshot.is_symlink() and (copies := aliases_of(snapshot)):
-        raise InvalidRequest(f"'{ref.name}' has copies that use its files ({', '.join(copies)}); delete them first",
-                             param="model")
+        raise InvalidRequest(
+            f"'{ref.name}' has copies that use its files ({', '.join(copies)}); delete them first", param="model"
+        )
     ref_file.unlink()
     remaining = others
     if commit not in remaining and _COMMIT.fullmatch(commit):
@@ -214,9 +220,7 @@ def aliases_of(snapshot: Path) -> list[str]:
 
 
 def _remove_orphan_blobs(root: Path) -> None:
-    linked = {
-        p.resolve().name for p in (root / "snapshots").rglob("*") if p.is_symlink() and not p.resolve().is_dir()
-    }
+    linked = {p.resolve().name for p in (root / "snapshots").rglob("*") if p.is_symlink() and not p.resolve().is_dir()}
     for blob in (root / "blobs").glob("*") if (root / "blobs").is_dir() else []:
         if blob.name not in linked:
             blob.unlink()

@@ -64,9 +64,12 @@ def choose_parsers(repo_id: str, info: ModelInfo, settings: Settings) -> ParserC
     template = info.chat_template or ""
     tool = next((name for marker, name in TOOL_FORMATS if marker in template and "tools" in template), None)
     reasoning = next((name for marker, name in REASONING_FORMATS if marker in template), None)
-    why = [f"tool calls: {tool} (from the chat template)" if tool
-           else "tool calls: none (the chat template has no tool-call format)",
-           f"reasoning: {reasoning} (from the chat template)" if reasoning else "reasoning: none"]
+    why = [
+        f"tool calls: {tool} (from the chat template)"
+        if tool
+        else "tool calls: none (the chat template has no tool-call format)",
+        f"reasoning: {reasoning} (from the chat template)" if reasoning else "reasoning: none",
+    ]
     if repo_id in settings.tool_call_parsers:
         tool = None if settings.tool_call_parsers[repo_id] == NONE else settings.tool_call_parsers[repo_id]
         why[0] = f"tool calls: {tool or 'none'} (TOOL_CALL_PARSERS)"
@@ -92,8 +95,10 @@ def _parser_class(choice: ParserChoice) -> Any:
             # "parameter": a call the grammar lets through has arguments valid against the tool's
             # schema (vLLM's default only pins the envelope unless a tool says strict: true).
             _classes[key] = ParserManager.get_parser(
-                tool_parser_name=choice.tool_parser, reasoning_parser_name=choice.reasoning_parser,
-                enable_auto_tools=choice.tool_parser is not None, tool_strict_level="parameter",
+                tool_parser_name=choice.tool_parser,
+                reasoning_parser_name=choice.reasoning_parser,
+                enable_auto_tools=choice.tool_parser is not None,
+                tool_strict_level="parameter",
             )
         return _classes[key]
 
@@ -150,7 +155,8 @@ class OutputParser:
 
         try:
             vllm_request = ChatCompletionRequest(
-                model="-", messages=[{"role": "user", "content": ""}],  # the parsers never read messages
+                model="-",
+                messages=[{"role": "user", "content": ""}],  # the parsers never read messages
                 tools=request.tools if choice.tool_parser else None,
                 tool_choice=request.tool_choice if request.tools and choice.tool_parser else None,
                 parallel_tool_calls=request.parallel_tool_calls,
@@ -181,8 +187,9 @@ class OutputParser:
         if self._parser is None:
             return OutputDelta(content=chunk.text, chunk=chunk)
         prompt, self._prompt_ids = self._prompt_ids, None  # read on the first delta only
-        delta = self._parser.parse_delta(chunk.text, list(chunk.token_ids), self._vllm_request, prompt,
-                                         finished=chunk.finish_reason is not None)
+        delta = self._parser.parse_delta(
+            chunk.text, list(chunk.token_ids), self._vllm_request, prompt, finished=chunk.finish_reason is not None
+        )
         if delta is None:
             return OutputDelta(chunk=chunk)
         calls = [self._call_delta(tc) for tc in delta.tool_calls or []]
@@ -193,9 +200,12 @@ class OutputParser:
         call_id = tool_call.id
         if call_id is None and function is not None and function.name:
             call_id = _call_id()  # the first piece of a call carries its id
-        return ToolCallDelta(tool_call.index, call_id, function.name if function else None,
-                             (function.arguments if function else None) or "")
-
+        return ToolCallDelta(
+            tool_call.index,
+            call_id,
+            function.name if function else None,
+            (function.arguments if function else None) or "",
+        )
 
 
 def merge_tool_calls(deltas: list[ToolCallDelta]) -> list[ToolCall]:

@@ -31,8 +31,8 @@ from runners.backend import BackendChoice, choose_backend, load_runner
 from runners.base import Runner
 from runners.local_cache import LocalModel, find_local
 from runners.model_info import describe
-from runners.output_parsing import ParserChoice, choose_parsers
 from runners.names import ModelRef, parse_model_name
+from runners.output_parsing import ParserChoice, choose_parsers
 from runners.quantization import (
     Precision,
     QuantizeRequest,
@@ -140,7 +140,11 @@ class ModelPool:
 
     # -- requests --------------------------------------------------------------------------
     async def acquire(
-        self, name: str, *, quantize: QuantizeRequest = "auto", keep_alive: KeepAlive = DEFAULT,
+        self,
+        name: str,
+        *,
+        quantize: QuantizeRequest = "auto",
+        keep_alive: KeepAlive = DEFAULT,
         purpose: Purpose = "generate",
     ) -> Lease:
         """Lease a runner of the model `name` that can do `purpose`, loading it first if needed.
@@ -266,14 +270,20 @@ class ModelPool:
                 return self._loaded[key]
             trust, precision, backend = await self._decide(local, quantize)
             if purpose == "embed":
-                backend = BackendChoice("transformers", f"embeddings: {backend.reason}, and vLLM's generation "
-                                                        "engine cannot embed: a transformers runner of the same weights embeds")
+                backend = BackendChoice(
+                    "transformers",
+                    f"embeddings: {backend.reason}, and vLLM's generation "
+                    "engine cannot embed: a transformers runner of the same weights embeds",
+                )
             estimate = _estimate_bytes(local, precision.mode, local.config())
-            await self._evict_lru(lambda: self._model_count(name) > self.settings.max_cache_models
-                                  or self._over_budget(estimate))
+            await self._evict_lru(
+                lambda: self._model_count(name) > self.settings.max_cache_models or self._over_budget(estimate)
+            )
             started = time.perf_counter_ns()
             try:
-                runner = await asyncio.to_thread(load_runner, backend, local, precision, self.device, trust, self.settings)
+                runner = await asyncio.to_thread(
+                    load_runner, backend, local, precision, self.device, trust, self.settings
+                )
             except ServerError:
                 raise
             except Exception as exc:
@@ -290,7 +300,14 @@ class ModelPool:
                 parsers=choose_parsers(local.ref.repo_id, describe(local), self.settings),
                 purpose=purpose,
             )
-            log.info("loaded %s on %s (%s, %s) in %.2fs", key, backend.name, self.device, precision.mode, entry.load_duration_ns / 1e9)
+            log.info(
+                "loaded %s on %s (%s, %s) in %.2fs",
+                key,
+                backend.name,
+                self.device,
+                precision.mode,
+                entry.load_duration_ns / 1e9,
+            )
             metrics.record_load(name, backend.name, entry.load_duration_ns / 1e9)
             self._loaded[key] = entry
             # The measured size may exceed the estimate: shed older models until we fit.
@@ -365,7 +382,6 @@ def _estimate_bytes(local: LocalModel, mode: str, config: dict) -> int:
     """Memory a load will take, from the checkpoint size and the target precision."""
     params = local.weight_bytes / _CHECKPOINT_BYTES.get(checkpoint_dtype(config), 4)
     return int(params * _TARGET_BYTES.get(mode, 0) or local.weight_bytes)
-
 
 
 def _engine_embeds(backend: BackendChoice) -> bool:

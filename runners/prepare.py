@@ -16,8 +16,9 @@ from runners.limits import fit_prompt, longest_token_chars
 from runners.model_info import FIM_TOKENS
 
 
-def prepare_prompt(tokenizer: Any, request: GenerationRequest, context_length: int,
-                   processor: Any = None) -> PreparedPrompt:
+def prepare_prompt(
+    tokenizer: Any, request: GenerationRequest, context_length: int, processor: Any = None
+) -> PreparedPrompt:
     """The prompt the engine decodes from, with at least one token of room to answer.
 
     A chat longer than the context is fitted Ollama's way when `request.fit_context` is set (oldest
@@ -40,21 +41,26 @@ def prepare_prompt(tokenizer: Any, request: GenerationRequest, context_length: i
         raise InvalidRequest(f"input is {len(ids)} tokens; the model's context is {context} tokens", param="messages")
     room = context - len(ids)
     max_tokens = request.options.max_tokens
-    return PreparedPrompt(request, text, ids, room if max_tokens is None else min(max_tokens, room),
-                          model_inputs=model_inputs)
+    return PreparedPrompt(
+        request, text, ids, room if max_tokens is None else min(max_tokens, room), model_inputs=model_inputs
+    )
 
 
 def _check_can_see(tokenizer: Any, request: GenerationRequest, processor: Any) -> None:
     if processor is None:
-        raise InvalidRequest("this model cannot see images (it is a text-only model): send text only, "
-                             "or use a vision model", param="messages")
+        raise InvalidRequest(
+            "this model cannot see images (it is a text-only model): send text only, or use a vision model",
+            param="messages",
+        )
     if not _has_template(tokenizer) or request.suffix is not None:
-        raise InvalidRequest("images need the model's chat template to place them; this request or model "
-                             "has none", param="messages")
+        raise InvalidRequest(
+            "images need the model's chat template to place them; this request or model has none", param="messages"
+        )
 
 
-def _encode(tokenizer: Any, processor: Any, text: str, messages: list[dict[str, Any]] | None,
-            context: int) -> tuple[list[int] | None, dict[str, Any]]:
+def _encode(
+    tokenizer: Any, processor: Any, text: str, messages: list[dict[str, Any]] | None, context: int
+) -> tuple[list[int] | None, dict[str, Any]]:
     """Token ids of `text`, and the processor's other model inputs (pixel_values, ...) when
     `messages` carry images: the processor replaces each image placeholder by the image's tokens.
     None for the ids, without tokenizing, when the text alone is too long to fit."""
@@ -123,8 +129,9 @@ def _tokenize_within(tokenizer: Any, text: str, context: int) -> list[int] | Non
     return ids
 
 
-def _fit_messages(tokenizer: Any, processor: Any, request: GenerationRequest,
-                  context: int) -> tuple[str, list[int] | None, dict[str, Any]]:
+def _fit_messages(
+    tokenizer: Any, processor: Any, request: GenerationRequest, context: int
+) -> tuple[str, list[int] | None, dict[str, Any]]:
     """Ollama's rule (server/prompt.go): drop the oldest non-system messages until the prompt fits
     with room to answer; system messages and the last message always stay. Returns the prompt that
     keeps the most history; if even the last message alone does not fit, that (too long) prompt."""
@@ -162,5 +169,6 @@ def _fill_in_the_middle(tokenizer: Any, prefix: str, suffix: str) -> str:
     for pre, suf, mid in FIM_TOKENS:
         if pre in vocab and suf in vocab and mid in vocab:
             return f"{pre}{prefix}{suf}{suffix}{mid}"
-    raise InvalidRequest("this model does not support insert (no fill-in-the-middle tokens): remove `suffix`",
-                         param="suffix")
+    raise InvalidRequest(
+        "this model does not support insert (no fill-in-the-middle tokens): remove `suffix`", param="suffix"
+    )

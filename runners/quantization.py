@@ -59,8 +59,9 @@ def checkpoint_dtype(config: dict[str, Any]) -> str:
     """The dtype the checkpoint's weights are stored in, per its config (float32 when unstated,
     which is also what transformers assumes)."""
     text = config.get("text_config") or {}
-    return str(config.get("dtype") or config.get("torch_dtype") or text.get("dtype")
-               or text.get("torch_dtype") or "float32")
+    return str(
+        config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "float32"
+    )
 
 
 def decide_precision(

@@ -87,8 +87,9 @@ class TokenConstraint:
         row = logits.float().clone()
         self._matcher.fill_next_token_bitmask(self._bitmask)
         if not self._bitmask.any():  # e.g. a string `pattern` nothing matches: the schema is the problem
-            raise InvalidRequest("the JSON schema cannot be satisfied: no token can continue the output here",
-                                 param="response_format")
+            raise InvalidRequest(
+                "the JSON schema cannot be satisfied: no token can continue the output here", param="response_format"
+            )
         self._apply_bitmask(row, self._bitmask.to(row.device))
         return row
 

@@ -32,8 +32,15 @@ class TransformersRunner(Runner):
     backend = "transformers"
 
     def __init__(
-        self, model: LocalModel, precision: Precision, device: str, hf_model: Any, tokenizer: Any,
-        max_batch_size: int, max_queue: int, processor: Any = None,
+        self,
+        model: LocalModel,
+        precision: Precision,
+        device: str,
+        hf_model: Any,
+        tokenizer: Any,
+        max_batch_size: int,
+        max_queue: int,
+        processor: Any = None,
     ) -> None:
         super().__init__(model, precision, device)
         self._hf_model = hf_model
@@ -60,8 +67,15 @@ class TransformersRunner(Runner):
 
     @classmethod
     def load(
-        cls, model: LocalModel, precision: Precision, device: str, trust_remote_code: bool, *,
-        max_batch_size: int, max_queue: int, gpus: int = 1,
+        cls,
+        model: LocalModel,
+        precision: Precision,
+        device: str,
+        trust_remote_code: bool,
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        gpus: int = 1,
     ) -> TransformersRunner:
         """Load from the local snapshot folder only (blocking; never touches the network).
 

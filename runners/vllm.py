@@ -42,8 +42,14 @@ class VllmRunner(Runner):
     backend = "vllm"
 
     def __init__(
-        self, model: LocalModel, precision: Precision, device: str, engine: AsyncLLM,
-        processes: list[psutil.Process], memory: int, settings: Settings,
+        self,
+        model: LocalModel,
+        precision: Precision,
+        device: str,
+        engine: AsyncLLM,
+        processes: list[psutil.Process],
+        memory: int,
+        settings: Settings,
     ) -> None:
         super().__init__(model, precision, device)
         self.engine = engine
@@ -224,7 +230,9 @@ def convert_logprobs(token_ids: list[int], entries: SampleLogprobs, top: int) ->
         chosen = entry[token_id]
         best = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= top), key=lambda lp: lp.rank)
         converted.append(
-            TokenLogprob(chosen.decoded_token or "", chosen.logprob, [(lp.decoded_token or "", lp.logprob) for lp in best])
+            TokenLogprob(
+                chosen.decoded_token or "", chosen.logprob, [(lp.decoded_token or "", lp.logprob) for lp in best]
+            )
         )
     return converted
 

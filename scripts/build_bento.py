@@ -15,7 +15,7 @@ from pathlib import Path
 
 os.environ["AI_SERVER_IMAGE_BUILD"] = "1"  # service.py declares the image's environment (see there)
 
-import bentoml  # noqa: E402
+import bentoml
 
 ROOT = Path(__file__).resolve().parent.parent
 

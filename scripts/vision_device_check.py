@@ -8,6 +8,7 @@ prompts with runners/prepare.py and decodes several image requests (and a text-o
 through the batching scheduler: same image, same greedy answer; 16 prompt tokens per image.
 Needs the project's runtime packages (pydantic-settings, Pillow) beside torch and transformers.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,17 +20,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from runners.base import GenerationRequest, SamplingOptions  # noqa: E402
-from runners.images import decode_request_images, image_part  # noqa: E402
-from runners.local_cache import LocalModel  # noqa: E402
-from runners.names import ModelRef  # noqa: E402
-from runners.prepare import prepare_prompt  # noqa: E402
-from runners.quantization import Precision  # noqa: E402
-from runners.transformers import TransformersRunner  # noqa: E402
-from settings import Settings  # noqa: E402
+from runners.base import GenerationRequest, SamplingOptions
+from runners.images import decode_request_images, image_part
+from runners.local_cache import LocalModel
+from runners.names import ModelRef
+from runners.prepare import prepare_prompt
+from runners.quantization import Precision
+from runners.transformers import TransformersRunner
+from settings import Settings
 
 
 def b64png(color):
@@ -41,14 +41,17 @@ def b64png(color):
 def request(colors):
     parts = [image_part(b64png(c), f"images[{i}]") for i, c in enumerate(colors)]
     content = [*parts, {"type": "text", "text": "what is it?"}] if parts else "what is it?"
-    return GenerationRequest(messages=[{"role": "user", "content": content}],
-                             options=SamplingOptions(max_tokens=8, temperature=0, ignore_eos=True))
+    return GenerationRequest(
+        messages=[{"role": "user", "content": content}],
+        options=SamplingOptions(max_tokens=8, temperature=0, ignore_eos=True),
+    )
 
 
 async def run(runner, requests):
     async def one(r):
-        prepared = prepare_prompt(runner.tokenizer, decode_request_images(r, Settings()), runner.context_length,
-                                  runner.processor)
+        prepared = prepare_prompt(
+            runner.tokenizer, decode_request_images(r, Settings()), runner.context_length, runner.processor
+        )
         text, last = "", None
         async for chunk in runner.generate(prepared):
             text += chunk.text
@@ -71,10 +74,19 @@ def check(model, device, modes):
     results = {}
     for mode in modes:
         started = time.perf_counter()
-        runner = TransformersRunner.load(model, Precision(mode, "device check"), device, False,
-                                         max_batch_size=8, max_queue=8)
-        print(device, mode, "loaded", type(runner._hf_model).__name__, runner._hf_model.dtype,
-              runner._hf_model.device, f"{time.perf_counter() - started:.1f}s", flush=True)
+        runner = TransformersRunner.load(
+            model, Precision(mode, "device check"), device, False, max_batch_size=8, max_queue=8
+        )
+        print(
+            device,
+            mode,
+            "loaded",
+            type(runner._hf_model).__name__,
+            runner._hf_model.dtype,
+            runner._hf_model.device,
+            f"{time.perf_counter() - started:.1f}s",
+            flush=True,
+        )
         outs = asyncio.run(run(runner, [request(c) for c in colors]))
         for c, o in zip(colors, outs):
             print(f"  images={c} -> prompt_tokens={o[1]} completion_tokens={o[2]} text={o[0]!r}")

@@ -57,7 +57,7 @@ def install_model(hf_hub_cache: Path) -> Callable[[Path, str], Path]:
 
 
 @lru_cache(maxsize=1)
-def service_asgi_app():  # noqa: ANN201 - an ASGI app
+def service_asgi_app():
     """The BentoML service's ASGI app, built once: BentoML registers process-wide Prometheus
     metrics when it builds the app. Each TestClient still runs the lifespan, which creates a fresh
     service instance (and Runtime, reading the environment) per test."""
@@ -94,7 +94,7 @@ def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hf_hub_cache: Path) -
     stop_all()
 
 
-def current_runtime():  # noqa: ANN201 - returns runtime.Runtime
+def current_runtime():
     """The running server's Runtime, for tests that check real memory release."""
     from service import app
 

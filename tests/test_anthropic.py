@@ -37,15 +37,20 @@ def client(serve, install_model, qwen_dir: Path, tiny_llama_dir: Path):
     return serve(BACKEND="transformers", MAX_CACHE_MODELS="2")
 
 
-def sdk(client, api_key: str = "unused"):  # noqa: ANN201 - anthropic.Anthropic
+def sdk(client, api_key: str = "unused"):
     import anthropic
 
     return anthropic.Anthropic(base_url=str(client.base_url), api_key=api_key, http_client=client, max_retries=0)
 
 
 def test_create_answers_with_a_text_block_and_true_counts(client, tiny_llama_dir: Path) -> None:
-    message = sdk(client).messages.create(model=TINY_LLAMA, max_tokens=6, system="Be brief.", extra_body=GREEDY,
-                                          messages=[{"role": "user", "content": "Hello"}])
+    message = sdk(client).messages.create(
+        model=TINY_LLAMA,
+        max_tokens=6,
+        system="Be brief.",
+        extra_body=GREEDY,
+        messages=[{"role": "user", "content": "Hello"}],
+    )
     assert message.type == "message" and message.role == "assistant" and message.model == TINY_LLAMA
     assert message.id.startswith("msg_")
     [block] = message.content
@@ -88,8 +93,13 @@ def test_stream_text_and_events_in_anthropics_order(client) -> None:
 
 def test_forced_tool_use_json_and_stream(client) -> None:
     api = sdk(client)
-    kwargs = {"model": QWEN, "max_tokens": CALL_BUDGET, "tools": TOOLS, "tool_choice": ANY_ONE,
-              "messages": [{"role": "user", "content": "Weather in Oslo?"}]}
+    kwargs = {
+        "model": QWEN,
+        "max_tokens": CALL_BUDGET,
+        "tools": TOOLS,
+        "tool_choice": ANY_ONE,
+        "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+    }
     message = api.messages.create(**kwargs)
     assert message.stop_reason == "tool_use"
     calls = [b for b in message.content if b.type == "tool_use"]
@@ -114,22 +124,37 @@ def test_forced_tool_use_json_and_stream(client) -> None:
 def test_tool_result_turn_reaches_the_prompt(client, qwen_dir: Path) -> None:
     """A tool_use turn and its tool_result become the template's tool call and tool message."""
     api = sdk(client)
-    first = api.messages.create(model=QWEN, max_tokens=CALL_BUDGET, tools=TOOLS[:1], tool_choice=ANY_ONE,
-                                messages=[{"role": "user", "content": "Weather in Rome?"}])
+    first = api.messages.create(
+        model=QWEN,
+        max_tokens=CALL_BUDGET,
+        tools=TOOLS[:1],
+        tool_choice=ANY_ONE,
+        messages=[{"role": "user", "content": "Weather in Rome?"}],
+    )
     [call] = [b for b in first.content if b.type == "tool_use"][:1]
     history = [
         {"role": "user", "content": "Weather in Rome?"},
         {"role": "assistant", "content": [{"type": "tool_use", "id": call.id, "name": call.name, "input": call.input}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "21 degrees"},
-                                     {"type": "text", "text": "And tomorrow?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": call.id, "content": "21 degrees"},
+                {"type": "text", "text": "And tomorrow?"},
+            ],
+        },
     ]
     second = api.messages.create(model=QWEN, max_tokens=4, tools=TOOLS[:1], messages=history)
     assert second.stop_reason in ("max_tokens", "end_turn", "tool_use")
-    expected = [history[0],
-                {"role": "assistant", "content": "", "tool_calls": [
-                    {"type": "function", "function": {"name": call.name, "arguments": call.input}}]},
-                {"role": "tool", "content": "21 degrees"},
-                {"role": "user", "content": "And tomorrow?"}]
+    expected = [
+        history[0],
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": call.name, "arguments": call.input}}],
+        },
+        {"role": "tool", "content": "21 degrees"},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
     assert second.usage.input_tokens == rendered_length(qwen_dir, expected, tools=[WEATHER], enable_thinking=False)
     counted = api.messages.count_tokens(model=QWEN, tools=TOOLS[:1], messages=history)
     assert counted.input_tokens == second.usage.input_tokens
@@ -138,8 +163,9 @@ def test_tool_result_turn_reaches_the_prompt(client, qwen_dir: Path) -> None:
 def test_thinking_turns_the_template_switch_and_streams_thinking_blocks(client, qwen_dir: Path) -> None:
     api = sdk(client)
     messages = [{"role": "user", "content": "Think first."}]
-    with api.messages.stream(model=QWEN, max_tokens=12, messages=messages,
-                             thinking={"type": "enabled", "budget_tokens": 1024}) as stream:
+    with api.messages.stream(
+        model=QWEN, max_tokens=12, messages=messages, thinking={"type": "enabled", "budget_tokens": 1024}
+    ) as stream:
         events = list(stream)
         final = stream.get_final_message()
     assert final.usage.input_tokens == rendered_length(qwen_dir, messages, enable_thinking=True)
@@ -157,19 +183,36 @@ def test_claude_code_request_shape(client) -> None:
     """The body Claude Code sends (system and text blocks with cache_control, JSON-Schema-draft
     tool schemas, metadata, beta headers, streaming, tool_choice left to the model), raw."""
     properties = {"command": {"type": "string", "description": "The command to run"}, "timeout": {"type": "number"}}
-    schema = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
-              "additionalProperties": False, "properties": properties, "required": ["command"]}
+    schema = {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": properties,
+        "required": ["command"],
+    }
     body = {
-        "model": QWEN, "max_tokens": 16, "stream": True, "temperature": 1,
+        "model": QWEN,
+        "max_tokens": 16,
+        "stream": True,
+        "temperature": 1,
         "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
-        "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "<system-reminder>context</system-reminder>"},
-            {"type": "text", "text": "list the files", "cache_control": {"type": "ephemeral"}}]}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "<system-reminder>context</system-reminder>"},
+                    {"type": "text", "text": "list the files", "cache_control": {"type": "ephemeral"}},
+                ],
+            }
+        ],
         "tools": [{"name": "Bash", "description": "Run a shell command", "input_schema": schema}],
         "metadata": {"user_id": "user_abc_account__session_123"},
     }
-    headers = {"anthropic-version": "2023-06-01", "x-api-key": "unused",
-               "anthropic-beta": "claude-code-20250219,fine-grained-tool-streaming-2025-05-14"}
+    headers = {
+        "anthropic-version": "2023-06-01",
+        "x-api-key": "unused",
+        "anthropic-beta": "claude-code-20250219,fine-grained-tool-streaming-2025-05-14",
+    }
     with client.stream("POST", "/v1/messages?beta=true", json=body, headers=headers) as r:
         assert r.status_code == 200, r.read()
         names = [line.removeprefix("event: ") for line in r.iter_lines() if line.startswith("event: ")]
@@ -194,11 +237,20 @@ def test_errors_are_in_anthropics_shape(client) -> None:
     with pytest.raises(anthropic.BadRequestError):
         api.messages.create(model=TINY_LLAMA, max_tokens=4, messages=[{"role": "user", "content": [image]}])
     with pytest.raises(anthropic.BadRequestError, match="server tools"):
-        api.messages.create(model=QWEN, max_tokens=4, tools=[{"type": "web_search_20250305", "name": "web_search"}],
-                            messages=[{"role": "user", "content": "hi"}])
+        api.messages.create(
+            model=QWEN,
+            max_tokens=4,
+            tools=[{"type": "web_search_20250305", "name": "web_search"}],
+            messages=[{"role": "user", "content": "hi"}],
+        )
     with pytest.raises(anthropic.BadRequestError, match="not one of `tools`"):
-        api.messages.create(model=QWEN, max_tokens=4, tools=TOOLS, tool_choice={"type": "tool", "name": "nope"},
-                            messages=[{"role": "user", "content": "hi"}])
+        api.messages.create(
+            model=QWEN,
+            max_tokens=4,
+            tools=TOOLS,
+            tool_choice={"type": "tool", "name": "nope"},
+            messages=[{"role": "user", "content": "hi"}],
+        )
 
 
 def test_api_keys_accept_x_api_key_and_bearer(serve, install_model, tiny_llama_dir: Path) -> None:
@@ -209,9 +261,15 @@ def test_api_keys_accept_x_api_key_and_bearer(serve, install_model, tiny_llama_d
     body = {"model": TINY_LLAMA, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
     message = sdk(client, api_key="sekrit").messages.create(**body)  # the client sends x-api-key
     assert message.usage.output_tokens > 0
-    r = client.post("/v1/messages", json=body, headers={"Authorization": "Bearer sekrit",
-                                                         "anthropic-version": "2023-06-01",
-                                                         "anthropic-beta": "interleaved-thinking-2025-05-14"})
+    r = client.post(
+        "/v1/messages",
+        json=body,
+        headers={
+            "Authorization": "Bearer sekrit",
+            "anthropic-version": "2023-06-01",
+            "anthropic-beta": "interleaved-thinking-2025-05-14",
+        },
+    )
     assert r.status_code == 200, r.text
     with pytest.raises(anthropic.AuthenticationError) as refused:
         sdk(client, api_key="wrong").messages.create(**body)
@@ -236,8 +294,13 @@ class TestOnVllm:
             text = "".join(stream.text_stream)
             final = stream.get_final_message()
         assert final.usage.output_tokens > 0 and final.content[0].type == "text" and final.content[0].text == text
-        message = api.messages.create(model=QWEN, max_tokens=CALL_BUDGET, tools=TOOLS, tool_choice=ANY_ONE,
-                                      messages=[{"role": "user", "content": "Weather?"}])
+        message = api.messages.create(
+            model=QWEN,
+            max_tokens=CALL_BUDGET,
+            tools=TOOLS,
+            tool_choice=ANY_ONE,
+            messages=[{"role": "user", "content": "Weather?"}],
+        )
         assert message.stop_reason == "tool_use"
         for block in message.content:
             assert block.type == "tool_use"

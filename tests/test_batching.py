@@ -45,9 +45,13 @@ def start(tmp_path: Path, long_context_model: Path) -> Callable[..., Iterator[st
     """`with start(MAX_BATCH_SIZE="4") as url:` a real server with the long-context model pulled."""
     install_into_hf_cache(long_context_model, tmp_path / "hf" / "hub", MODEL)
 
-    def server(**env: str):  # noqa: ANN202 - a context manager
-        base = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, "DATA_DIR": str(tmp_path / "data"),
-                "BENTOML_HOME": str(tmp_path / "bentoml")}
+    def server(**env: str):
+        base = {
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_ENDPOINT": UNREACHABLE_HUB,
+            "DATA_DIR": str(tmp_path / "data"),
+            "BENTOML_HOME": str(tmp_path / "bentoml"),
+        }
         return running_server({**base, **env}, tmp_path / "server.log")
 
     return server
@@ -57,8 +61,11 @@ def complete(url: str, spec: dict) -> dict:
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, **spec}, timeout=600)  # a loaded machine is slow
     assert r.status_code == 200, r.text
     body = r.json()
-    return {"text": body["choices"][0]["text"], "finish": body["choices"][0]["finish_reason"],
-            "tokens": body["usage"]["completion_tokens"]}
+    return {
+        "text": body["choices"][0]["text"],
+        "finish": body["choices"][0]["finish_reason"],
+        "tokens": body["usage"]["completion_tokens"],
+    }
 
 
 def running(url: str) -> int:
@@ -126,13 +133,18 @@ def test_a_full_queue_answers_503_with_retry_after(start) -> None:
             post = httpx.Client(base_url=url, timeout=60).post
             busy = post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
             ollama_busy = post("/api/generate", json={"model": MODEL, "prompt": "hi", "stream": False})
-            native_busy = post("/chat", json={"model": MODEL, "stream": True,
-                                              "messages": [{"role": "user", "content": "hi"}]})
+            native_busy = post(
+                "/chat", json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+            )
             assert running(url) == 1
         assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
         assert "MAX_QUEUE" in busy.json()["error"]["message"]
         assert ollama_busy.status_code == 503 and "server busy" in ollama_busy.json()["error"]
         assert native_busy.status_code == 503  # a stream that cannot start fails before its first byte
         wait_for_empty_batch(url)  # the held stream's client left: its slot frees
-        assert httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
-                          timeout=60).status_code == 200
+        assert (
+            httpx.post(
+                f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60
+            ).status_code
+            == 200
+        )

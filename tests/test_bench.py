@@ -11,8 +11,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--backends", "transformers", "--out",
-                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--backends", "transformers", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "| backend | measured | dialect | concurrency | TTFT p50 ms |" in done.stdout
 
@@ -20,10 +26,14 @@ def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path: Path
     results = json.loads(saved.read_text())
     measured = {(r["backend"], r["kind"], r["dialect"], r["concurrency"]) for r in results["rows"]}
     assert measured == {
-        ("transformers", "in-process", None, 1), ("transformers", "in-process", None, 2),
-        ("transformers", "runner", None, 1), ("transformers", "runner", None, 2),
-        ("transformers", "http", "openai", 1), ("transformers", "http", "openai", 2),
-        ("transformers", "http", "ollama", 1), ("transformers", "http", "ollama", 2),
+        ("transformers", "in-process", None, 1),
+        ("transformers", "in-process", None, 2),
+        ("transformers", "runner", None, 1),
+        ("transformers", "runner", None, 2),
+        ("transformers", "http", "openai", 1),
+        ("transformers", "http", "openai", 2),
+        ("transformers", "http", "ollama", 1),
+        ("transformers", "http", "ollama", 2),
         ("transformers", "one-at-a-time", "openai", 2),
     }
     assert all(r["tokens_per_second"] > 0 and r["ttft_p50_ms"] > 0 for r in results["rows"])

@@ -46,14 +46,28 @@ def cli_env(url: str, **extra: str) -> dict[str, str]:
 
 def cli(server: Server, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:
     """`ai-server ARGS` with piped stdin and captured output."""
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=cli_env(server.url, **env),
-                          input=stdin, capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        cwd=ROOT,
+        env=cli_env(server.url, **env),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def spawn(server: Server, *args: str) -> pexpect.spawn:
     """`ai-server ARGS` in a pseudo-terminal, as a person runs it."""
-    return pexpect.spawn(sys.executable, ["-m", "cli", *args], cwd=str(ROOT), env=cli_env(server.url),
-                         encoding="utf-8", timeout=120, dimensions=(40, 200))
+    return pexpect.spawn(
+        sys.executable,
+        ["-m", "cli", *args],
+        cwd=str(ROOT),
+        env=cli_env(server.url),
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 200),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +78,23 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tiny_
     with LocalHub(root / "hub") as hub:
         hub.add_repo(TINY_GPT2, tiny_gpt2_dir)
         hub.add_repo(SLOW, tiny_llama_dir)
-        env = {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1",
-               "DATA_DIR": str(root / "data"), "BENTOML_HOME": str(root / "bentoml"), "BACKEND": "transformers",
-               "API_KEYS": KEY}
+        env = {
+            "HF_HOME": str(root / "hf"),
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "DATA_DIR": str(root / "data"),
+            "BENTOML_HOME": str(root / "bentoml"),
+            "BACKEND": "transformers",
+            "API_KEYS": KEY,
+        }
         with log.open("ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                    cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                cwd=ROOT,
+                env={**os.environ, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         url = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(url, proc, log)
@@ -224,8 +249,10 @@ def test_run_on_a_model_that_is_not_pulled_says_how_to_pull_it(server: Server) -
     for args in (("run", "test-org/not-here", "hi"), ("show", "test-org/not-here"), ("rm", "test-org/not-here")):
         result = cli(server, *args)
         assert result.returncode == 1
-        assert "model 'test-org/not-here' is not pulled. Pull it first with: ai-server pull test-org/not-here" \
-            in result.stderr, result.stderr
+        assert (
+            "model 'test-org/not-here' is not pulled. Pull it first with: ai-server pull test-org/not-here"
+            in result.stderr
+        ), result.stderr
     child = spawn(server, "run", "test-org/not-here")  # interactive: said before the first prompt
     child.expect_exact("ai-server pull test-org/not-here")
     child.expect(pexpect.EOF)
@@ -282,8 +309,10 @@ def test_cp_then_rm(server: Server) -> None:
 
 # -- errors as sentences ------------------------------------------------------------------------------
 def test_no_server_says_how_to_start_one(server: Server) -> None:
-    for host_env in ({"AI_SERVER_HOST": f"127.0.0.1:{free_port()}"},
-                     {"AI_SERVER_HOST": "", "OLLAMA_HOST": f"127.0.0.1:{free_port()}"}):
+    for host_env in (
+        {"AI_SERVER_HOST": f"127.0.0.1:{free_port()}"},
+        {"AI_SERVER_HOST": "", "OLLAMA_HOST": f"127.0.0.1:{free_port()}"},
+    ):
         result = cli(server, "list", **host_env)
         assert result.returncode == 1
         assert result.stderr.startswith("Error: could not connect to ai-server at http://127.0.0.1:"), result.stderr
@@ -318,22 +347,28 @@ def test_thinking_is_printed_dimmed_before_the_answer() -> None:
 def test_pip_install_puts_an_ai_server_command_on_the_path(tmp_path: Path) -> None:
     """Build the project's wheel (from a copy, so the worktree gets no build folders) and install it."""
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "tests", "bench", "docs", "build", "data",
-                                                             "*.egg-info", "__pycache__"))
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(".*", "tests", "bench", "docs", "build", "data", "*.egg-info", "__pycache__"),
+    )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     # Without build isolation where setuptools is at hand: no index lookup for the build backend.
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-    subprocess.run([*pip, "wheel", "--no-deps", *isolation, "-w", str(tmp_path / "wheel"), str(src)], check=True,
-                   timeout=300)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", *isolation, "-w", str(tmp_path / "wheel"), str(src)], check=True, timeout=300
+    )
     [wheel] = (tmp_path / "wheel").glob("ai_server-*.whl")
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
-                   timeout=120)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True, timeout=120
+    )
     command = tmp_path / "site" / "bin" / "ai-server"
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "AI_SERVER_HOST": f"127.0.0.1:{free_port()}"}
     result = subprocess.run([str(command), "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "Start it with `ai-server serve`" in result.stderr, result.stderr
-    installed = subprocess.run([str(command), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                               timeout=60)
+    installed = subprocess.run(
+        [str(command), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     commands = ("serve", "pull", "run", "list", "ps", "show", "rm", "cp", "jobs")
     assert all(name in installed.stdout for name in commands), installed.stdout

@@ -29,16 +29,25 @@ def prompt_tokens(model_dir: Path, messages: list[dict]) -> int:
 def long_chat(turns: int) -> list[dict]:
     messages = [{"role": "system", "content": "You are a terse assistant."}]
     for i in range(turns):
-        messages += [{"role": "user", "content": f"question {i}: tell me about the sea and the wind"},
-                     {"role": "assistant", "content": f"answer {i}: the sea is wide and the wind is strong"}]
+        messages += [
+            {"role": "user", "content": f"question {i}: tell me about the sea and the wind"},
+            {"role": "assistant", "content": f"answer {i}: the sea is wide and the wind is strong"},
+        ]
     return [*messages, {"role": "user", "content": "and the boat?"}]
 
 
 def test_ollama_drops_the_oldest_turns_and_keeps_system_and_last(client, tiny_llama_dir: Path) -> None:
     messages = long_chat(12)
     assert prompt_tokens(tiny_llama_dir, messages) > NUM_CTX
-    r = client.post("/api/chat", json={"model": TINY_LLAMA, "messages": messages, "stream": False,
-                                       "options": {"num_ctx": NUM_CTX, "num_predict": 4}})
+    r = client.post(
+        "/api/chat",
+        json={
+            "model": TINY_LLAMA,
+            "messages": messages,
+            "stream": False,
+            "options": {"num_ctx": NUM_CTX, "num_predict": 4},
+        },
+    )
     assert r.status_code == 200, r.text
     got = r.json()["prompt_eval_count"]
     # The kept history is the system message plus the newest turns that fit with room to answer.
@@ -52,12 +61,26 @@ def test_ollama_drops_the_oldest_turns_and_keeps_system_and_last(client, tiny_ll
 
 def test_the_last_message_alone_too_long_is_a_400(client) -> None:
     long = "the sea " * 60  # ~120 tokens: fits the characters bound, not the room to answer
-    r = client.post("/api/chat", json={"model": TINY_LLAMA, "stream": False, "options": {"num_ctx": NUM_CTX},
-                                       "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": long}]})
+    r = client.post(
+        "/api/chat",
+        json={
+            "model": TINY_LLAMA,
+            "stream": False,
+            "options": {"num_ctx": NUM_CTX},
+            "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": long}],
+        },
+    )
     assert r.status_code == 400 and f"context is {NUM_CTX} tokens" in r.json()["error"]
     huge = "the sea " * 400
-    r = client.post("/api/chat", json={"model": TINY_LLAMA, "stream": False, "options": {"num_ctx": NUM_CTX},
-                                       "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": huge}]})
+    r = client.post(
+        "/api/chat",
+        json={
+            "model": TINY_LLAMA,
+            "stream": False,
+            "options": {"num_ctx": NUM_CTX},
+            "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": huge}],
+        },
+    )
     assert r.status_code == 400 and f"context of {NUM_CTX} tokens" in r.json()["error"]  # refused by length
 
 

@@ -7,10 +7,9 @@ cluster exists here). Readiness is checked on the real service app against a rea
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import subprocess
 import sys
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -72,12 +71,15 @@ def test_bentocloud_config_sets_only_known_settings(monkeypatch: pytest.MonkeyPa
     assert declared["DEVICE"] == "cuda"
     assert declared["DATABASE_URL"] is None  # BentoCloud requires it: from the deployment's secret
 
+
 def test_service_resources_follow_the_settings() -> None:
     from service import _resources
 
     assert _resources(Settings()) == {"gpu": 1}
     assert _resources(Settings(tensor_parallel_size=4, gpu_type="nvidia-a100-80gb")) == {
-        "gpu": 4, "gpu_type": "nvidia-a100-80gb"}
+        "gpu": 4,
+        "gpu_type": "nvidia-a100-80gb",
+    }
     assert _resources(Settings(gpu_count=0)) == {"cpu": "4"}
 
 
@@ -117,12 +119,21 @@ def test_the_bento_image_installs_the_cuda_13_line_locked_without_audio_packages
     against the package index) and exports the Containerfile `bentoml containerize` would use."""
     out = tmp_path / "bento"
     env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
-    done = subprocess.run([sys.executable, "scripts/build_bento.py", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**__import__("os").environ, **env})
+    done = subprocess.run(
+        [sys.executable, "scripts/build_bento.py", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, **env},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     containerfile = (out / "Containerfile").read_text()
-    locked = dict(line.split("==", 1) for line in (out / "requirements.lock.txt").read_text().splitlines()
-                  if "==" in line and not line.startswith(("#", "-")))
+    locked = dict(
+        line.split("==", 1)
+        for line in (out / "requirements.lock.txt").read_text().splitlines()
+        if "==" in line and not line.startswith(("#", "-"))
+    )
     assert "FROM python:3.11-slim" in containerfile  # no nvidia/cuda base, no deadsnakes Python
     assert "nvidia/cuda" not in containerfile
     assert "uv pip uninstall torchaudio torchcodec" in containerfile
@@ -134,7 +145,14 @@ def test_the_bento_image_installs_the_cuda_13_line_locked_without_audio_packages
     assert "ENV DATABASE_URL=$DATABASE_URL" in containerfile
     assert 'exec python -m cli "$@"' in containerfile and "/usr/local/bin/ai-server" in containerfile
     src = next((tmp_path / "bentoml" / "bentos" / "ai-server").glob("*/src"))
-    for path in ("service.py", "settings.py", "supervision.py", "api/app.py", "runners/prepare.py", "cli/main.py",
-                 "requirements.txt"):
+    for path in (
+        "service.py",
+        "settings.py",
+        "supervision.py",
+        "api/app.py",
+        "runners/prepare.py",
+        "cli/main.py",
+        "requirements.txt",
+    ):
         assert (src / path).is_file(), path  # the product ships whole
     assert not (src / "tests").exists() and not (src / ".venv").exists()

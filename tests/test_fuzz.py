@@ -24,8 +24,9 @@ MODEL = "test-org/short"
 
 def _examples(count: int) -> settings:
     """Reproducible runs of `count` examples (the server is shared by the examples on purpose)."""
-    return settings(max_examples=count, deadline=None, database=None, derandomize=True,
-                    suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=count, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,29 +64,73 @@ def test_no_generated_request_gets_a_server_error(client) -> None:
 # Each dialect's generation body, kept short; every numeric field is replaced in turn.
 _BODIES: dict[str, dict[str, Any]] = {
     "/api/generate": {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2}},
-    "/api/chat": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False,
-                  "options": {"num_predict": 2}},
+    "/api/chat": {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": False,
+        "options": {"num_predict": 2},
+    },
     "/api/embed": {"model": MODEL, "input": "hi", "options": {}},
     "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
     "/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 2},
     "/v1/embeddings": {"model": MODEL, "input": "hi"},
     "/chat": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
 }
-_OLLAMA_OPTIONS = ["temperature", "top_p", "top_k", "min_p", "num_predict", "seed", "repeat_penalty",
-                   "repeat_last_n", "presence_penalty", "frequency_penalty"]
-_OPENAI = ["max_tokens", "temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k",
-           "min_p", "repetition_penalty"]
+_OLLAMA_OPTIONS = [
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "num_predict",
+    "seed",
+    "repeat_penalty",
+    "repeat_last_n",
+    "presence_penalty",
+    "frequency_penalty",
+]
+_OPENAI = [
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+]
 _FIELDS: list[tuple[str, tuple[str, ...]]] = [
     *[(path, ("options", o)) for path in ("/api/generate", "/api/chat", "/api/embed") for o in _OLLAMA_OPTIONS],
     *[(path, ("keep_alive",)) for path in ("/api/generate", "/api/chat", "/api/embed")],
     ("/api/embed", ("dimensions",)),
     *[(path, (f,)) for path in ("/v1/chat/completions", "/v1/completions") for f in _OPENAI],
-    ("/v1/chat/completions", ("max_completion_tokens",)), ("/v1/chat/completions", ("top_logprobs",)),
-    ("/v1/completions", ("logprobs",)), ("/v1/embeddings", ("dimensions",)),
-    ("/chat", ("max_tokens",)), ("/chat", ("temperature",)),
+    ("/v1/chat/completions", ("max_completion_tokens",)),
+    ("/v1/chat/completions", ("top_logprobs",)),
+    ("/v1/completions", ("logprobs",)),
+    ("/v1/embeddings", ("dimensions",)),
+    ("/chat", ("max_tokens",)),
+    ("/chat", ("temperature",)),
 ]
-_EXTREMES = st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, 2**64, 2**70, -(2**70),
-                             2**63, -(2**63) - 1, 10**30, 0, -1, 1e-300])
+_EXTREMES = st.sampled_from(
+    [
+        math.nan,
+        math.inf,
+        -math.inf,
+        1e308,
+        -1e308,
+        5e-324,
+        2**64,
+        2**70,
+        -(2**70),
+        2**63,
+        -(2**63) - 1,
+        10**30,
+        0,
+        -1,
+        1e-300,
+    ]
+)
 _NUMBERS = _EXTREMES | st.floats(allow_nan=True, allow_infinity=True) | st.integers(min_value=-(2**80), max_value=2**80)
 
 

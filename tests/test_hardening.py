@@ -33,6 +33,7 @@ def _chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:
 
 # -- request size --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", ["/api/generate", "/chat"])
 def test_a_body_over_the_limit_is_413_in_ollama_format(client, path: str) -> None:
     r = client.post(path, json=chat_body(LLAMA, "a" * 2_000_000, prompt="x"))
@@ -56,8 +57,9 @@ def test_a_chunked_body_is_refused_once_it_passes_the_limit(client) -> None:
 
 
 def test_a_body_under_the_limit_is_served(client) -> None:
-    r = client.post("/api/generate", json={"model": LLAMA, "prompt": "hi", "stream": False,
-                                           "options": {"num_predict": 2}})
+    r = client.post(
+        "/api/generate", json={"model": LLAMA, "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+    )
     assert r.status_code == 200 and r.json()["done"] is True
 
 
@@ -74,6 +76,7 @@ def test_a_prompt_longer_than_any_context_is_refused_before_tokenizing(client) -
 
 
 # -- numbers, strings and headers ----------------------------------------------------------------
+
 
 def _raw(client, path: str, body: str, **headers: str):
     return client.post(path, content=body.encode(), headers={"content-type": "application/json", **headers})
@@ -95,38 +98,62 @@ def test_non_finite_numbers_are_malformed_json_in_every_dialect(client, literal:
     """Python's json accepts these; JSON does not, and they once reached the sampler (a NaN
     penalty aborted every request in the batch)."""
     msg = '[{"role": "user", "content": "hi"}]'
-    assert "JSON" in _ollama_error(_raw(client, "/api/chat", f'{{"model": "{LLAMA}", "messages": {msg}, '
-                                                             f'"options": {{"repeat_penalty": {literal}}}}}'))
+    assert "JSON" in _ollama_error(
+        _raw(
+            client,
+            "/api/chat",
+            f'{{"model": "{LLAMA}", "messages": {msg}, "options": {{"repeat_penalty": {literal}}}}}',
+        )
+    )
     body = f'{{"model": "{LLAMA}", "messages": {msg}, "temperature": {literal}}}'
     assert "JSON" in _openai_error(_raw(client, "/v1/chat/completions", body))["message"]
-    assert "JSON" in _ollama_error(_raw(client, "/chat", f'{{"model": "{LLAMA}", "messages": {msg}, '
-                                                        f'"temperature": {literal}}}'))
+    assert "JSON" in _ollama_error(
+        _raw(client, "/chat", f'{{"model": "{LLAMA}", "messages": {msg}, "temperature": {literal}}}')
+    )
     assert "JSON" in _ollama_error(_raw(client, "/api/generate", f'{{"model": "{LLAMA}", "keep_alive": {literal}}}'))
     assert client.get("/api/version").status_code == 200
 
 
 @pytest.mark.parametrize("text", ["NaN", "inf", "-Infinity"])
 def test_non_finite_numbers_spelled_as_strings_are_refused(client, text: str) -> None:
-    assert "temperature" in _ollama_error(client.post("/api/generate", json={
-        "model": LLAMA, "prompt": "hi", "options": {"temperature": text}}))
+    assert "temperature" in _ollama_error(
+        client.post("/api/generate", json={"model": LLAMA, "prompt": "hi", "options": {"temperature": text}})
+    )
     r = client.post("/v1/completions", json={"model": LLAMA, "prompt": "hi", "top_p": text})
     assert _openai_error(r)["param"] == "top_p"
     assert "keep_alive" in _ollama_error(client.post("/api/generate", json={"model": LLAMA, "keep_alive": text}))
 
 
-@pytest.mark.parametrize(("option", "value"), [
-    ("seed", 2**70), ("seed", -(2**70)), ("top_k", 2**40), ("presence_penalty", 1e300),
-    ("frequency_penalty", -3), ("repeat_penalty", 1e-300), ("repeat_penalty", 50), ("top_p", 0), ("min_p", 1.5),
-    ("temperature", -1),
-])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("seed", 2**70),
+        ("seed", -(2**70)),
+        ("top_k", 2**40),
+        ("presence_penalty", 1e300),
+        ("frequency_penalty", -3),
+        ("repeat_penalty", 1e-300),
+        ("repeat_penalty", 50),
+        ("top_p", 0),
+        ("min_p", 1.5),
+        ("temperature", -1),
+    ],
+)
 def test_ollama_options_out_of_range_are_400_naming_them(client, option: str, value: float) -> None:
     r = client.post("/api/generate", json={"model": LLAMA, "prompt": "hi", "stream": False, "options": {option: value}})
     assert option in _ollama_error(r)
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("seed", 2**70), ("top_k", 2**40), ("repetition_penalty", 1e-300), ("temperature", 3), ("n", 1000),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("seed", 2**70),
+        ("top_k", 2**40),
+        ("repetition_penalty", 1e-300),
+        ("temperature", 3),
+        ("n", 1000),
+    ],
+)
 def test_openai_fields_out_of_range_are_400_naming_them(client, field: str, value: float) -> None:
     assert _openai_error(client.post("/v1/chat/completions", json=chat_body(LLAMA, **{field: value})))["param"] == field
 
@@ -141,16 +168,25 @@ def test_n_that_could_never_run_is_400_not_busy(client) -> None:
 
 
 def test_the_largest_seed_wraps_for_the_second_sample(client) -> None:
-    r = client.post("/v1/completions", json={"model": LLAMA, "prompt": "hi", "n": 2, "max_tokens": 3,
-                                             "seed": 2**63 - 1})
+    r = client.post(
+        "/v1/completions", json={"model": LLAMA, "prompt": "hi", "n": 2, "max_tokens": 3, "seed": 2**63 - 1}
+    )
     assert r.status_code == 200 and len(r.json()["choices"]) == 2
 
 
 def test_a_tiny_temperature_is_greedy(client) -> None:
     """Dividing logits by 1e-300 overflows to inf and NaN probabilities; below 1e-5 means greedy."""
+
     def text(temperature: float) -> str:
-        r = client.post("/api/generate", json={"model": LLAMA, "prompt": "hi", "stream": False,
-                                               "options": {"temperature": temperature, "num_predict": 6}})
+        r = client.post(
+            "/api/generate",
+            json={
+                "model": LLAMA,
+                "prompt": "hi",
+                "stream": False,
+                "options": {"temperature": temperature, "num_predict": 6},
+            },
+        )
         assert r.status_code == 200, r.text
         return r.json()["response"]
 
@@ -174,13 +210,20 @@ def test_a_lone_surrogate_in_a_message_is_400(client) -> None:
     surrogate = r'"\ud800 hi"'
     messages = f'[{{"role": "user", "content": {surrogate}}}]'
     assert "surrogate" in _ollama_error(_raw(client, "/api/chat", f'{{"model": "{LLAMA}", "messages": {messages}}}'))
-    assert "surrogate" in _openai_error(_raw(client, "/v1/chat/completions",
-                                             f'{{"model": "{LLAMA}", "messages": {messages}}}'))["message"]
+    assert (
+        "surrogate"
+        in _openai_error(_raw(client, "/v1/chat/completions", f'{{"model": "{LLAMA}", "messages": {messages}}}'))[
+            "message"
+        ]
+    )
     assert "surrogate" in _ollama_error(_raw(client, "/chat", f'{{"model": "{LLAMA}", "messages": {messages}}}'))
     # A proper pair is a character, and welcome.
     pair = r'"\ud83d\ude00"'
-    r = _raw(client, "/api/generate", f'{{"model": "{LLAMA}", "prompt": {pair}, "stream": false, '
-                                      f'"options": {{"num_predict": 1}}}}')
+    r = _raw(
+        client,
+        "/api/generate",
+        f'{{"model": "{LLAMA}", "prompt": {pair}, "stream": false, "options": {{"num_predict": 1}}}}',
+    )
     assert r.status_code == 200, r.text
 
 
@@ -216,8 +259,16 @@ def test_a_row_that_fails_leaves_the_batch_and_the_others_finish_as_alone(
     client = serve(BACKEND="transformers")
 
     def generate(prompt: str, results: dict[str, object] | None = None, **extra: object) -> object:
-        r = client.post("/api/generate", json={"model": LLAMA, "prompt": prompt, "stream": False, **extra,
-                                               "options": {"temperature": 0, "num_predict": 150, "ignore_eos": True}})
+        r = client.post(
+            "/api/generate",
+            json={
+                "model": LLAMA,
+                "prompt": prompt,
+                "stream": False,
+                **extra,
+                "options": {"temperature": 0, "num_predict": 150, "ignore_eos": True},
+            },
+        )
         if results is not None:
             results[prompt] = r
         return r
@@ -325,6 +376,7 @@ def test_deleting_a_model_that_has_copies_names_them_and_keeps_everything(models
 
 # -- the pool's reaper and the output of slow readers --------------------------------------------
 
+
 def _wait_until(predicate, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -334,8 +386,9 @@ def _wait_until(predicate, timeout: float = 15.0) -> bool:
     return predicate()
 
 
-def test_the_keep_alive_reaper_survives_an_unload_that_raises(serve, install_model, tiny_llama_dir: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_keep_alive_reaper_survives_an_unload_that_raises(
+    serve, install_model, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests.conftest import current_runtime
 
     for name in (LLAMA, "test-org/second"):
@@ -365,15 +418,17 @@ def test_output_a_reader_has_not_taken_is_merged_not_queued(serve, install_model
     install_model(tiny_llama_dir, LLAMA)
     client = serve(BACKEND="transformers")
     options = {"temperature": 0, "num_predict": 120, "ignore_eos": True}
-    whole = client.post("/api/generate", json={"model": LLAMA, "prompt": "hi", "raw": True, "stream": False,
-                                               "options": options}).json()["response"]
+    whole = client.post(
+        "/api/generate", json={"model": LLAMA, "prompt": "hi", "raw": True, "stream": False, "options": options}
+    ).json()["response"]
     runner = current_runtime().pool.get_loaded(LLAMA).runner
 
-    async def read_first_then_pause():  # noqa: ANN202
+    async def read_first_then_pause():
         import asyncio
 
-        request = GenerationRequest(prompt="hi", options=SamplingOptions(max_tokens=120, temperature=0,
-                                                                         ignore_eos=True, repeat_penalty=1.1))
+        request = GenerationRequest(
+            prompt="hi", options=SamplingOptions(max_tokens=120, temperature=0, ignore_eos=True, repeat_penalty=1.1)
+        )
         from runners.prepare import prepare_prompt
 
         chunks = runner.generate(prepare_prompt(runner.tokenizer, request, runner.context_length))
@@ -392,6 +447,13 @@ def test_a_top_p_below_float32s_smallest_number_keeps_the_best_token(client) -> 
     """5e-324 is a valid top_p (> 0) that float32 rounds to 0: every token compared as "past
     top_p" and the sampler divided zero by zero."""
     for top_p in (5e-324, 1e-46):
-        r = client.post("/api/generate", json={"model": LLAMA, "prompt": "hi", "stream": False,
-                                               "options": {"top_p": top_p, "temperature": 1, "num_predict": 3}})
+        r = client.post(
+            "/api/generate",
+            json={
+                "model": LLAMA,
+                "prompt": "hi",
+                "stream": False,
+                "options": {"top_p": top_p, "temperature": 1, "num_predict": 3},
+            },
+        )
         assert r.status_code == 200, r.text

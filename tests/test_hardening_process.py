@@ -19,13 +19,21 @@ FIFTY_MB = 50 * 2**20
 
 
 def _env(root: Path) -> dict[str, str]:
-    return {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, "DATA_DIR": str(root / "data"),
-            "BENTOML_HOME": str(root / "bentoml"), "BACKEND": "transformers"}
+    return {
+        "HF_HOME": str(root / "hf"),
+        "HF_ENDPOINT": UNREACHABLE_HUB,
+        "DATA_DIR": str(root / "data"),
+        "BENTOML_HOME": str(root / "bentoml"),
+        "BACKEND": "transformers",
+    }
 
 
 def _worker(supervisor_pid: int) -> psutil.Process:
-    [worker] = [p for p in psutil.Process(supervisor_pid).children(recursive=True)
-                if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+    [worker] = [
+        p
+        for p in psutil.Process(supervisor_pid).children(recursive=True)
+        if "_bentoml_impl.worker" in " ".join(p.cmdline())
+    ]
     return worker
 
 
@@ -71,13 +79,20 @@ def _huge_chunks() -> Iterator[bytes]:
 
 def test_a_50_mb_prompt_is_refused_without_the_worker_growing(server: tuple[str, psutil.Process]) -> None:
     url, worker = server
-    assert httpx.post(f"{url}/api/generate", json={"model": MODEL, "prompt": "hi", "stream": False,
-                                                   "options": {"num_predict": 2}}, timeout=60).status_code == 200
+    assert (
+        httpx.post(
+            f"{url}/api/generate",
+            json={"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2}},
+            timeout=60,
+        ).status_code
+        == 200
+    )
     before = worker.memory_info().rss
     with PeakRss(worker) as rss:
         declared = httpx.post(f"{url}/api/generate", json={"model": MODEL, "prompt": "a" * FIFTY_MB}, timeout=60)
-        chunked = httpx.post(f"{url}/v1/completions", content=_huge_chunks(), timeout=60,
-                             headers={"content-type": "application/json"})
+        chunked = httpx.post(
+            f"{url}/v1/completions", content=_huge_chunks(), timeout=60, headers={"content-type": "application/json"}
+        )
     assert declared.status_code == 413 and "MAX_REQUEST_BYTES" in declared.json()["error"]
     assert chunked.status_code == 413 and chunked.json()["error"]["type"] == "invalid_request_error"
     # Holding the body alone would add 50 MB; tokenizing it added gigabytes.

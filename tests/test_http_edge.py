@@ -65,8 +65,13 @@ def test_json_body_is_read_whatever_the_content_type(client, path: str, content_
     r = client.post(path, content=json.dumps(BODIES[path]).encode(), headers=CONTENT_TYPES[content_type])
     assert r.status_code == 200, r.text
     body = r.json()
-    expected_key = {"/api/chat": "message", "/api/generate": "response", "/api/show": "capabilities",
-                    "/api/embed": "embeddings", "/v1/chat/completions": "choices"}[path]
+    expected_key = {
+        "/api/chat": "message",
+        "/api/generate": "response",
+        "/api/show": "capabilities",
+        "/api/embed": "embeddings",
+        "/v1/chat/completions": "choices",
+    }[path]
     assert body[expected_key]
 
 
@@ -82,6 +87,7 @@ def test_invalid_json_is_still_a_400_in_the_dialects_shape(client, content_type:
 
 
 # -- request ids -------------------------------------------------------------------------------------
+
 
 def test_every_response_carries_a_request_id(client) -> None:
     ids = {client.get("/api/version").headers["X-Request-ID"] for _ in range(3)}
@@ -103,8 +109,12 @@ def test_refused_requests_carry_a_request_id(serve) -> None:
 
 
 def test_streams_carry_the_request_id(client) -> None:
-    with client.stream("POST", "/api/chat", json={**chat_body(MODEL), "options": {"num_predict": 3}},
-                       headers={"X-Request-ID": "stream-1"}) as r:
+    with client.stream(
+        "POST",
+        "/api/chat",
+        json={**chat_body(MODEL), "options": {"num_predict": 3}},
+        headers={"X-Request-ID": "stream-1"},
+    ) as r:
         assert r.headers["X-Request-ID"] == "stream-1"
         lines = [json.loads(line) for line in r.iter_lines() if line]
     assert lines[-1]["done"] is True
@@ -130,18 +140,23 @@ def test_a_template_that_raises_is_a_400_in_each_dialect(client, stream: bool) -
     assert TEMPLATE_MESSAGE in error["message"]
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "messages", None)
     # The same model answers a conversation its template accepts.
-    fine = client.post("/api/chat", json={"model": STRICT, "messages": NOT_ALTERNATING[:1], "stream": False,
-                                          "options": {"num_predict": 2}})
+    fine = client.post(
+        "/api/chat",
+        json={"model": STRICT, "messages": NOT_ALTERNATING[:1], "stream": False, "options": {"num_predict": 2}},
+    )
     assert fine.status_code == 200, fine.text
 
 
 # -- the unexpected: a JSON 500 whose request id is in the log ---------------------------------------
 
+
 def test_an_unexpected_error_is_a_logged_json_500_naming_the_request_id(client, caplog) -> None:
     """A model whose chat template adds a number to a string: rendering raises a TypeError, which no
     handler expects (it is the model's fault, not the client's)."""
     caplog.set_level(logging.ERROR)
-    ollama = client.post("/api/chat", json={**chat_body(BROKEN), "stream": False}, headers={"X-Request-ID": "req-ollama"})
+    ollama = client.post(
+        "/api/chat", json={**chat_body(BROKEN), "stream": False}, headers={"X-Request-ID": "req-ollama"}
+    )
     assert ollama.status_code == 500 and ollama.headers["X-Request-ID"] == "req-ollama"
     assert "TypeError" in ollama.json()["error"] and "request id req-ollama" in ollama.json()["error"]
 
@@ -153,17 +168,20 @@ def test_an_unexpected_error_is_a_logged_json_500_naming_the_request_id(client, 
 
     logged = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
     assert {"req-ollama", request_id} <= {getattr(r, "x_request_id", None) for r in logged}
-    assert any(f"[request_id={request_id}]" in r.getMessage() and r.exc_info[0] is TypeError
-               for r in logged)
+    assert any(f"[request_id={request_id}]" in r.getMessage() and r.exc_info[0] is TypeError for r in logged)
 
 
 # -- an error after the stream began: one helper, each dialect's framing, logged ------------------
 
+
 def test_a_failure_mid_stream_ends_each_dialects_stream_in_its_framing_and_is_logged(
-    serve, install_model, tmp_path: Path, caplog,
+    serve,
+    install_model,
+    tmp_path: Path,
+    caplog,
 ) -> None:
-    from tests.test_openai_api import _FAULTY_MODELING
     from tests.support.tiny_models import build_remote_code_model
+    from tests.test_openai_api import _FAULTY_MODELING
 
     src = build_remote_code_model(tmp_path / "faulty")
     (src / "modeling_custom.py").write_text(_FAULTY_MODELING)
@@ -175,8 +193,12 @@ def test_a_failure_mid_stream_ends_each_dialects_stream_in_its_framing_and_is_lo
     messages = [{"role": "user", "content": "hello"}]
 
     def stream(path: str, body: dict, request_id: str) -> list[str]:
-        with client.stream("POST", path, json={"model": "test-org/faulty", "messages": messages, "stream": True, **body},
-                           headers={"X-Request-ID": request_id}) as r:
+        with client.stream(
+            "POST",
+            path,
+            json={"model": "test-org/faulty", "messages": messages, "stream": True, **body},
+            headers={"X-Request-ID": request_id},
+        ) as r:
             assert r.status_code == 200
             return [line for line in r.iter_lines() if line]
 
@@ -192,5 +214,7 @@ def test_a_failure_mid_stream_ends_each_dialects_stream_in_its_framing_and_is_lo
     error = json.loads(openai[-1].removeprefix("data: "))["error"]
     assert error["type"] == "server_error" and "simulated device fault" in error["message"]
 
-    logged = {getattr(r, "x_request_id", None) for r in caplog.records if r.exc_info and "simulated" in str(r.exc_info[1])}
+    logged = {
+        getattr(r, "x_request_id", None) for r in caplog.records if r.exc_info and "simulated" in str(r.exc_info[1])
+    }
     assert {"mid-ollama", "mid-native", "mid-openai"} <= logged

@@ -110,7 +110,12 @@ def test_an_expired_lease_is_taken_over_and_the_old_owner_can_no_longer_write(st
     assert not a.finish(job.id, "replica-a", "failed", error="late")
     assert b.finish(job.id, "replica-b", "succeeded")
     done = b.get(job.id)
-    assert done is not None and (done.status, done.error, done.active_key, done.repo_lock) == ("succeeded", None, None, None)
+    assert done is not None and (done.status, done.error, done.active_key, done.repo_lock) == (
+        "succeeded",
+        None,
+        None,
+        None,
+    )
 
 
 def test_a_graceful_stop_hands_running_jobs_back(stores) -> None:

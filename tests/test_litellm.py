@@ -20,7 +20,7 @@ from tests.support.tiny_models import install_into_hf_cache
 
 # litellm fetches its model price list from GitHub at import unless told to use its bundled copy.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-import litellm  # noqa: E402
+import litellm
 
 MODEL = "test-org/tiny-llama"
 BROKEN = "test-org/broken-template"
@@ -34,8 +34,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> It
     broken = shutil.copytree(tiny_llama_dir, root / "broken")
     (broken / "chat_template.jinja").write_text("{{- bos_token + 1 -}}")  # rendering raises a TypeError
     install_into_hf_cache(broken, root / "hf" / "hub", BROKEN)
-    env = {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, "DATA_DIR": str(root / "data"),
-           "BENTOML_HOME": str(root / "bentoml")}
+    env = {
+        "HF_HOME": str(root / "hf"),
+        "HF_ENDPOINT": UNREACHABLE_HUB,
+        "DATA_DIR": str(root / "data"),
+        "BENTOML_HOME": str(root / "bentoml"),
+    }
     log = root / "server.log"
     with running_server(env, log) as url:
         yield url, log
@@ -55,8 +59,9 @@ def reference_answer(url: str) -> str:
 @pytest.mark.parametrize("provider", ["ollama_chat", "openai"])
 def test_chat(url: str, provider: str) -> None:
     base = f"{url}/v1" if provider == "openai" else url
-    r = litellm.completion(model=f"{provider}/{MODEL}", messages=MESSAGES, api_base=base, api_key="unused",
-                           max_tokens=6, temperature=0)
+    r = litellm.completion(
+        model=f"{provider}/{MODEL}", messages=MESSAGES, api_base=base, api_key="unused", max_tokens=6, temperature=0
+    )
     assert r.choices[0].message.content == reference_answer(url)
     assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens > 0
 
@@ -70,8 +75,17 @@ def test_ollama_generate_provider(url: str) -> None:
 @pytest.mark.parametrize("provider", ["ollama_chat", "ollama", "openai"])
 def test_stream(url: str, provider: str) -> None:
     base = f"{url}/v1" if provider == "openai" else url
-    chunks = list(litellm.completion(model=f"{provider}/{MODEL}", messages=MESSAGES, api_base=base, api_key="unused",
-                                     max_tokens=6, temperature=0, stream=True))
+    chunks = list(
+        litellm.completion(
+            model=f"{provider}/{MODEL}",
+            messages=MESSAGES,
+            api_base=base,
+            api_key="unused",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert len(chunks) > 2 and text
     if provider != "ollama":  # the same chat, so the same greedy answer
@@ -81,11 +95,13 @@ def test_stream(url: str, provider: str) -> None:
 @pytest.mark.parametrize("provider", ["ollama", "openai"])
 def test_embedding(url: str, provider: str) -> None:
     base = f"{url}/v1" if provider == "openai" else url
-    r = litellm.embedding(model=f"{provider}/{MODEL}", input=["the sky is blue", "grass is green"], api_base=base,
-                          api_key="unused")
+    r = litellm.embedding(
+        model=f"{provider}/{MODEL}", input=["the sky is blue", "grass is green"], api_base=base, api_key="unused"
+    )
     vectors = [d["embedding"] for d in r.data]
-    expected = httpx.post(f"{url}/api/embed", json={"model": MODEL, "input": ["the sky is blue", "grass is green"]},
-                          timeout=120).json()["embeddings"]
+    expected = httpx.post(
+        f"{url}/api/embed", json={"model": MODEL, "input": ["the sky is blue", "grass is green"]}, timeout=120
+    ).json()["embeddings"]
     assert len(vectors) == 2
     for vector, want in zip(vectors, expected, strict=True):
         assert vector == pytest.approx(want, abs=1e-5)

@@ -23,18 +23,28 @@ KEY = "metrics-test-key"
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator[httpx.Client]:
     root = tmp_path_factory.mktemp("metrics")
     install_into_hf_cache(tiny_llama_dir, root / "hf" / "hub", MODEL)
-    env = {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, "DATA_DIR": str(root / "data"),
-           "BENTOML_HOME": str(root / "bentoml"), "API_KEYS": KEY}
-    with running_server(env, root / "server.log") as url, \
-            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
+    env = {
+        "HF_HOME": str(root / "hf"),
+        "HF_ENDPOINT": UNREACHABLE_HUB,
+        "DATA_DIR": str(root / "data"),
+        "BENTOML_HOME": str(root / "bentoml"),
+        "API_KEYS": KEY,
+    }
+    with (
+        running_server(env, root / "server.log") as url,
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client,
+    ):
         yield client
 
 
 def scrape(client: httpx.Client) -> dict[tuple[str, frozenset], float]:
     """Every sample on /metrics, keyed by name and labels."""
     text = client.get("/metrics").text
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -42,14 +52,36 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 def test_generation_request_and_model_metrics(server: httpx.Client) -> None:
-    chats = [server.post("/chat", json={"model": MODEL, "max_tokens": n, "temperature": 0,
-                                        "messages": [{"role": "user", "content": "count"}]}).json()
-             for n in (5, 9)]
-    streamed = server.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4, "ignore_eos": True,
-                                                    "stream": True, "stream_options": {"include_usage": True}})
+    chats = [
+        server.post(
+            "/chat",
+            json={
+                "model": MODEL,
+                "max_tokens": n,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "count"}],
+            },
+        ).json()
+        for n in (5, 9)
+    ]
+    streamed = server.post(
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": "hi",
+            "max_tokens": 4,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     usage = json.loads(streamed.text.split("data: ")[-2])["usage"]
-    assert server.post("/chat", json={"model": "test-org/absent", "messages": [
-        {"role": "user", "content": "x"}]}).status_code == 404
+    assert (
+        server.post(
+            "/chat", json={"model": "test-org/absent", "messages": [{"role": "user", "content": "x"}]}
+        ).status_code
+        == 404
+    )
     assert server.get("/jobs/not-a-job").status_code == 404
     assert server.get("/jobs/another-job", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert server.get("/no/such/path").status_code == 404

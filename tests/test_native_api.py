@@ -131,11 +131,17 @@ def test_status_health_and_diag(client) -> None:
     assert health["uptime_seconds"] >= 0 and health["torch_version"]
 
     diag = client.get("/diag").json()
-    assert diag == {"torch_installed": True, "torch_version": health["torch_version"], "cuda_available": False,
-                    "cuda_count": 0, "cuda_devices": []}
+    assert diag == {
+        "torch_installed": True,
+        "torch_version": health["torch_version"],
+        "cuda_available": False,
+        "cuda_count": 0,
+        "cuda_devices": [],
+    }
 
 
 # -- errors --------------------------------------------------------------------------------------
+
 
 def test_unknown_model_is_404_saying_pull_first(client) -> None:
     r = client.post("/chat", json=chat_body("someone/not-pulled"))

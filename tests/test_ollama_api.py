@@ -27,8 +27,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tiny_
     with LocalHub(root / "hub") as hub:
         hub.add_repo(LLAMA, tiny_llama_dir)
         hub.add_repo(GPT2, tiny_gpt2_dir)
-        env = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(root / "hf"), "DATA_DIR": str(root / "data"),
-               "BENTOML_HOME": str(root / "bentoml")}
+        env = {
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HOME": str(root / "hf"),
+            "DATA_DIR": str(root / "data"),
+            "BENTOML_HOME": str(root / "bentoml"),
+        }
         with running_server(env, root / "server.log") as url:
             yield url
 
@@ -168,8 +172,10 @@ def test_copy_makes_an_alias_and_delete_removes_it(client: ollama.Client) -> Non
     names = [m.model for m in client.list().models]
     assert "my-llama:latest" in names and f"{LLAMA}:latest" in names
     options = {"temperature": 0, "num_predict": 5}
-    assert (client.generate("my-llama", prompt="hi", options=options).response
-            == client.generate(LLAMA, prompt="hi", options=options).response)
+    assert (
+        client.generate("my-llama", prompt="hi", options=options).response
+        == client.generate(LLAMA, prompt="hi", options=options).response
+    )
     client.delete("my-llama")
     names = [m.model for m in client.list().models]
     assert "my-llama:latest" not in names and f"{LLAMA}:latest" in names
@@ -193,25 +199,41 @@ def test_ndjson_framing_and_final_statistics(client: ollama.Client, server: str)
     *parts, final = lines
     assert all(set(p) == {"model", "created_at", "message", "done"} and p["done"] is False for p in parts)
     assert final["done"] is True and final["message"] == {"role": "assistant", "content": ""}
-    for key in ("done_reason", "total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
-                "eval_count", "eval_duration"):
+    for key in (
+        "done_reason",
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_count",
+        "eval_duration",
+    ):
         assert key in final
     assert final["eval_count"] == 8 and final["done_reason"] == "length"
 
 
 def test_format_schema_output_is_valid_json(client: ollama.Client) -> None:
-    schema = {"type": "object", "properties": {"color": {"type": "string", "enum": ["red", "green", "blue"]},
-                                               "bright": {"type": "boolean"}},
-              "required": ["color", "bright"], "additionalProperties": False}
-    answer = client.chat(LLAMA, messages=[{"role": "user", "content": "pick a color"}], format=schema,
-                         options={"temperature": 0.8, "seed": 3, "num_predict": 64})
+    schema = {
+        "type": "object",
+        "properties": {"color": {"type": "string", "enum": ["red", "green", "blue"]}, "bright": {"type": "boolean"}},
+        "required": ["color", "bright"],
+        "additionalProperties": False,
+    }
+    answer = client.chat(
+        LLAMA,
+        messages=[{"role": "user", "content": "pick a color"}],
+        format=schema,
+        options={"temperature": 0.8, "seed": 3, "num_predict": 64},
+    )
     jsonschema.validate(json.loads(answer.message.content), schema)
     assert answer.done_reason == "stop"
 
     # "json" allows any object, and this random model often opens a string it never closes: of
     # several samples, every one starts an object, those that finish parse, and some finish.
-    answers = [client.generate(LLAMA, prompt="json please", format="json", options={"num_predict": 16, "seed": seed})
-               for seed in range(12)]
+    answers = [
+        client.generate(LLAMA, prompt="json please", format="json", options={"num_predict": 16, "seed": seed})
+        for seed in range(12)
+    ]
     assert all(a.response.startswith("{") for a in answers)
     finished = [a.response for a in answers if a.done_reason == "stop"]
     assert finished and all(isinstance(json.loads(text), dict) for text in finished)

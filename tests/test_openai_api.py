@@ -55,8 +55,9 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tiny_gp
         patch.delenv("HF_HUB_CACHE", raising=False)
         from service import AIServer
 
-        server = AIServer.serve_http(port=_free_port(), host="127.0.0.1", threaded=True,
-                                     bentoml_home=str(root / "bentoml"))
+        server = AIServer.serve_http(
+            port=_free_port(), host="127.0.0.1", threaded=True, bentoml_home=str(root / "bentoml")
+        )
         try:
             deadline = time.monotonic() + 120
             while True:
@@ -78,15 +79,16 @@ def client(live: str) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_llama_dir: Path):  # noqa: ANN201 - a transformers tokenizer
+def tokenizer(tiny_llama_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_llama_dir)
 
 
-def chat(client: openai.OpenAI, **params: object):  # noqa: ANN201
+def chat(client: openai.OpenAI, **params: object):
     return client.chat.completions.create(**{"model": TINY_LLAMA, "messages": HELLO, "temperature": 0, **params})
 
 
 # -- chat completions ---------------------------------------------------------------------------
+
 
 def test_chat_completion_has_openai_shape_and_true_usage(client: openai.OpenAI, tokenizer) -> None:
     r = chat(client, max_tokens=8)
@@ -131,9 +133,11 @@ def test_stream_is_server_sent_events_ending_in_done(live: str) -> None:
 def test_stream_arrives_while_the_model_is_still_generating(client: openai.OpenAI) -> None:
     chat(client, max_tokens=1)  # loaded, so the clock below measures generation only
     started = time.monotonic()
-    arrivals = [time.monotonic() - started
-                for c in chat(client, max_tokens=400, stream=True, extra_body={"ignore_eos": True})
-                if c.choices and c.choices[0].delta.content]
+    arrivals = [
+        time.monotonic() - started
+        for c in chat(client, max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+        if c.choices and c.choices[0].delta.content
+    ]
     assert len(arrivals) >= 100
     assert arrivals[0] < arrivals[-1] / 2, "chunks were held back until the end"
 
@@ -160,12 +164,22 @@ def test_n_choices_of_one_prompt_share_its_usage(client: openai.OpenAI) -> None:
 
 def test_n_choices_decode_concurrently(client: openai.OpenAI) -> None:
     """Chunks of the two choices interleave: run one after the other, all of choice 0 would come first."""
-    chunks = list(chat(client, n=2, max_tokens=96, stream=True, stream_options={"include_usage": True},
-                       extra_body={"ignore_eos": True}))
+    chunks = list(
+        chat(
+            client,
+            n=2,
+            max_tokens=96,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     order = [c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.content]
     assert order != sorted(order)
-    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
-             for i in (0, 1)]
+    texts = [
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        for i in (0, 1)
+    ]
     assert texts[0] == texts[1]
     assert chunks[-1].usage.completion_tokens == 2 * 96
 
@@ -187,6 +201,7 @@ def test_long_prompt_is_a_bad_request_streamed_or_not(client: openai.OpenAI) -> 
 
 # -- structured output and logprobs -------------------------------------------------------------
 
+
 def test_response_format_json_schema_output_validates(client: openai.OpenAI) -> None:
     response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}}
     r = chat(client, temperature=1.0, seed=3, n=3, max_tokens=64, response_format=response_format)
@@ -206,7 +221,7 @@ def test_response_format_json_object_gives_json_objects(client: openai.OpenAI) -
     assert all(c.message.content.startswith("{") for c in r.choices)
 
 
-def visible(tokens: list[str], tokenizer) -> str:  # noqa: ANN001
+def visible(tokens: list[str], tokenizer) -> str:
     """The text of generated tokens as the answer shows it: special tokens are reported, not shown."""
     return "".join(t for t in tokens if t not in tokenizer.all_special_tokens)
 
@@ -237,10 +252,12 @@ def test_completion_logprobs_have_offsets(client: openai.OpenAI, tokenizer) -> N
 
 # -- text completions ---------------------------------------------------------------------------
 
+
 def test_completions_for_a_prompt_list_times_n(client: openai.OpenAI, tokenizer) -> None:
     prompts = ["The model answers", "A server"]
-    r = client.completions.create(model=TINY_LLAMA, prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=1,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=TINY_LLAMA, prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=1, extra_body={"ignore_eos": True}
+    )
     assert r.id.startswith("cmpl-") and r.object == "text_completion"
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert all(c.finish_reason == "length" and c.text for c in r.choices)
@@ -260,6 +277,7 @@ def test_completion_streams_the_same_text_and_defaults_to_16_tokens(client: open
 
 
 # -- models and embeddings ----------------------------------------------------------------------
+
 
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
     listed = client.models.list()
@@ -283,8 +301,9 @@ def test_embeddings_float_and_base64(client: openai.OpenAI, live: str, tokenizer
     assert sum(a * b for a, b in zip(*vectors)) < 0.999  # different texts, different vectors
     assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(tokenizer(t)["input_ids"]) for t in texts)
 
-    floats = httpx.post(f"{live}/v1/embeddings", json={"model": TINY_LLAMA, "input": texts, "encoding_format": "float"},
-                        timeout=60).json()
+    floats = httpx.post(
+        f"{live}/v1/embeddings", json={"model": TINY_LLAMA, "input": texts, "encoding_format": "float"}, timeout=60
+    ).json()
     for d, v in zip(floats["data"], vectors):
         assert d["object"] == "embedding" and d["embedding"] == pytest.approx(v, rel=1e-6)
     alone = client.embeddings.create(model=TINY_LLAMA, input=texts[0]).data[0].embedding
@@ -292,6 +311,7 @@ def test_embeddings_float_and_base64(client: openai.OpenAI, live: str, tokenizer
 
 
 # -- errors -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions", "embeddings"])
 def test_unknown_model_raises_not_found(client: openai.OpenAI, endpoint: str) -> None:
@@ -318,8 +338,10 @@ def test_unknown_model_raises_not_found(client: openai.OpenAI, endpoint: str) ->
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, None),
         ({"top_logprobs": 2}, None),
         ({"stream_options": {"include_usage": True}}, None),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
-         "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+            "response_format",
+        ),
     ],
 )
 def test_bad_requests_raise_bad_request_error_before_loading(
@@ -348,8 +370,9 @@ def test_bad_requests_raise_bad_request_error_before_loading(
         ("embeddings", {"input": [1, 2, 3]}, None),  # token ids: of which tokenizer?
     ],
 )
-def test_bad_completion_and_embedding_requests(client: openai.OpenAI, endpoint: str, params: dict,
-                                               param: str | None) -> None:
+def test_bad_completion_and_embedding_requests(
+    client: openai.OpenAI, endpoint: str, params: dict, param: str | None
+) -> None:
     create = client.completions.create if endpoint == "completions" else client.embeddings.create
     defaults = {"prompt": "x"} if endpoint == "completions" else {"input": "x"}
     with pytest.raises(openai.BadRequestError) as caught:
@@ -412,10 +435,12 @@ def test_failure_after_the_stream_began_is_an_error_event(serve, install_model, 
 
 # -- LangChain ----------------------------------------------------------------------------------
 
+
 def test_langchain_chat_openai_invokes_and_streams(client: openai.OpenAI, live: str) -> None:
     expected = chat(client, max_completion_tokens=12).choices[0].message.content
-    llm = ChatOpenAI(base_url=f"{live}/v1", api_key="unused", model=TINY_LLAMA, temperature=0, max_tokens=12,
-                     max_retries=0)
+    llm = ChatOpenAI(
+        base_url=f"{live}/v1", api_key="unused", model=TINY_LLAMA, temperature=0, max_tokens=12, max_retries=0
+    )
     message = llm.invoke("hello")
     assert message.content == expected
     assert message.response_metadata["finish_reason"] == "length"

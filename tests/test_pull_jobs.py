@@ -24,8 +24,8 @@ from runners.names import parse_model_name
 from tests.conftest import chat_body
 from tests.support.fixtures import TINY_GPT2, TINY_LLAMA
 from tests.support.hub_server import LocalHub
-from tests.support.server_process import kill_server
 from tests.support.repo_files import scan_repo
+from tests.support.server_process import kill_server
 
 FINISHED = ("succeeded", "failed", "cancelled")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +45,11 @@ def pull(client: httpx.Client, model: str, **extra: object) -> str:
 
 
 def wait_job(
-    client: httpx.Client, job_id: str, until: Callable[[dict], bool] = lambda j: j["status"] in FINISHED,
-    timeout: float = 60.0, seen: list[dict] | None = None,
+    client: httpx.Client,
+    job_id: str,
+    until: Callable[[dict], bool] = lambda j: j["status"] in FINISHED,
+    timeout: float = 60.0,
+    seen: list[dict] | None = None,
 ) -> dict:
     """Poll /jobs/{id} until `until(job)`; every observed state is appended to `seen`."""
     deadline = time.monotonic() + timeout
@@ -257,8 +260,12 @@ def server_process(
 ) -> Iterator[Callable[[], tuple[httpx.Client, subprocess.Popen]]]:
     """Start `bentoml serve` as a subprocess; returns a client once healthy, and the process."""
     procs: list[subprocess.Popen] = []
-    env = os.environ | {"DATA_DIR": str(tmp_path / "data"), "BENTOML_HOME": str(tmp_path / "bentoml"),
-                        "HF_HUB_DISABLE_TELEMETRY": "1", "PULL_LEASE_SECONDS": "2"}
+    env = os.environ | {
+        "DATA_DIR": str(tmp_path / "data"),
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "PULL_LEASE_SECONDS": "2",
+    }
 
     def start() -> tuple[httpx.Client, subprocess.Popen]:
         port = _free_port()

@@ -15,10 +15,24 @@ FP16 = {"torch_dtype": "float16"}  # older transformers wrote torch_dtype
 FP32 = {"dtype": "float32"}
 
 
-def decide(requested: str = "auto", *, device: str = "cpu", config: dict | None = None, cpu_bf16: str | None = None,
-           bf16_supported: bool = True):
-    return decide_precision(requested, weight_bytes=1, threshold_bytes=10, device=device, config=config or {},
-                            bnb_available=True, bf16_supported=bf16_supported, cpu_bf16=cpu_bf16)
+def decide(
+    requested: str = "auto",
+    *,
+    device: str = "cpu",
+    config: dict | None = None,
+    cpu_bf16: str | None = None,
+    bf16_supported: bool = True,
+):
+    return decide_precision(
+        requested,
+        weight_bytes=1,
+        threshold_bytes=10,
+        device=device,
+        config=config or {},
+        bnb_available=True,
+        bf16_supported=bf16_supported,
+        cpu_bf16=cpu_bf16,
+    )
 
 
 X86_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -28,9 +42,17 @@ ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm sve\n"
 ARM_PLAIN = "processor\t: 0\nFeatures\t: fp asimd\n"
 
 
-@pytest.mark.parametrize(("cpuinfo", "feature"), [
-    (X86_BF16, "avx512_bf16"), (X86_AMX, "amx_bf16"), (X86_PLAIN, None), (ARM_BF16, "bf16"), (ARM_PLAIN, None), ("", None),
-])
+@pytest.mark.parametrize(
+    ("cpuinfo", "feature"),
+    [
+        (X86_BF16, "avx512_bf16"),
+        (X86_AMX, "amx_bf16"),
+        (X86_PLAIN, None),
+        (ARM_BF16, "bf16"),
+        (ARM_PLAIN, None),
+        ("", None),
+    ],
+)
 def test_bf16_cpu_feature_reads_x86_flags_and_arm_features(cpuinfo: str, feature: str | None) -> None:
     assert bf16_cpu_feature(cpuinfo) == feature
 
@@ -41,16 +63,21 @@ def test_checkpoint_dtype_reads_either_key_and_defaults_to_float32() -> None:
     assert checkpoint_dtype({}) == "float32"
 
 
-@pytest.mark.parametrize(("requested", "config", "mode", "says"), [
-    ("auto", BF16, "bf16", "checkpoint's bfloat16"),
-    ("no", BF16, "bf16", "checkpoint's bfloat16"),
-    ("fp16", BF16, "bf16", "checkpoint's bfloat16"),
-    ("auto", FP16, "bf16", "float16 checkpoint in bfloat16"),
-    ("auto", FP32, "fp32", "checkpoint's float32"),
-    ("no", {}, "fp32", "checkpoint's float32"),
-    ("fp16", FP32, "bf16", "half precision asked"),
-])
-def test_cpu_with_native_bf16_keeps_half_checkpoints_in_bf16(requested: str, config: dict, mode: str, says: str) -> None:
+@pytest.mark.parametrize(
+    ("requested", "config", "mode", "says"),
+    [
+        ("auto", BF16, "bf16", "checkpoint's bfloat16"),
+        ("no", BF16, "bf16", "checkpoint's bfloat16"),
+        ("fp16", BF16, "bf16", "checkpoint's bfloat16"),
+        ("auto", FP16, "bf16", "float16 checkpoint in bfloat16"),
+        ("auto", FP32, "fp32", "checkpoint's float32"),
+        ("no", {}, "fp32", "checkpoint's float32"),
+        ("fp16", FP32, "bf16", "half precision asked"),
+    ],
+)
+def test_cpu_with_native_bf16_keeps_half_checkpoints_in_bf16(
+    requested: str, config: dict, mode: str, says: str
+) -> None:
     precision = decide(requested, config=config, cpu_bf16="avx512_bf16")
     assert precision.mode == mode and says in precision.reason
     if mode == "bf16":
@@ -65,8 +92,15 @@ def test_cpu_without_native_bf16_loads_float32(requested: str, config: dict) -> 
 
 
 def test_over_the_threshold_without_bitsandbytes_the_cpu_rule_still_applies() -> None:
-    precision = decide_precision("auto", weight_bytes=100, threshold_bytes=10, device="cpu", config=BF16,
-                                 bnb_available=False, cpu_bf16="amx_bf16")
+    precision = decide_precision(
+        "auto",
+        weight_bytes=100,
+        threshold_bytes=10,
+        device="cpu",
+        config=BF16,
+        bnb_available=False,
+        cpu_bf16="amx_bf16",
+    )
     assert precision.mode == "bf16" and "bitsandbytes is unavailable" in precision.reason
 
 

@@ -9,10 +9,10 @@ takeover happens within seconds. LocalHub counts the GETs of a file that send at
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +68,9 @@ class Cluster:
             n = len(self.replicas)
             port, log = free_port(), self._tmp / f"replica-{n}.log"
             env = {**self._env, "DATA_DIR": str(self._tmp / f"data-{n}")}
-            replica = Replica(start_server(env, port, log), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30), log)
+            replica = Replica(
+                start_server(env, port, log), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30), log
+            )
             self.replicas.append(replica)
             started.append(replica)
         for replica in started:
@@ -86,15 +88,23 @@ class Cluster:
 @pytest.fixture
 def cluster(tmp_path: Path, local_hub: LocalHub, database_url: str) -> Iterator[Cluster]:
     # HF_HOME (one cache for all) and HF_ENDPOINT come from local_hub through the environment.
-    env = {"DATABASE_URL": database_url, "PULL_LEASE_SECONDS": str(LEASE_SECONDS),
-           "BENTOML_HOME": str(tmp_path / "bentoml"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {
+        "DATABASE_URL": database_url,
+        "PULL_LEASE_SECONDS": str(LEASE_SECONDS),
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
     group = Cluster(tmp_path, env)
     yield group
     group.close()
 
 
 def partial_files(local_hub: LocalHub) -> list[Path]:
-    return list((Path(local_hub.root).parent / "hf-home" / "hub" / "models--test-org--tiny-llama" / "blobs").glob("*.incomplete"))
+    return list(
+        (Path(local_hub.root).parent / "hf-home" / "hub" / "models--test-org--tiny-llama" / "blobs").glob(
+            "*.incomplete"
+        )
+    )
 
 
 def test_replicas_started_together_share_one_job_and_a_graceful_stop_hands_it_back(

@@ -22,8 +22,10 @@ from tests.support.tool_models import (
     rendered_length,
 )
 
-TOOLS = [{"type": "function", "name": name, "description": f"the {name} tool", "parameters": schema}
-         for name, schema in SCHEMAS.items()]
+TOOLS = [
+    {"type": "function", "name": name, "description": f"the {name} tool", "parameters": schema}
+    for name, schema in SCHEMAS.items()
+]
 
 
 @pytest.fixture
@@ -38,15 +40,16 @@ def client(serve_models):
     return serve_models()
 
 
-def sdk(client):  # noqa: ANN201 - openai.OpenAI
+def sdk(client):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{client.base_url}/v1", api_key="unused", http_client=client, max_retries=0)
 
 
 def test_create_text_response(client, tiny_llama_dir: Path) -> None:
-    response = sdk(client).responses.create(model=TINY_LLAMA, input="Hello", instructions="Be brief.",
-                                            max_output_tokens=6, temperature=0)
+    response = sdk(client).responses.create(
+        model=TINY_LLAMA, input="Hello", instructions="Be brief.", max_output_tokens=6, temperature=0
+    )
     assert response.object == "response" and response.id.startswith("resp_") and response.model == TINY_LLAMA
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     [message] = response.output
@@ -63,10 +66,19 @@ def test_streaming_events_in_openais_order(client) -> None:
     stream = api.responses.create(model=TINY_LLAMA, input="Hi", max_output_tokens=8, temperature=0, stream=True)
     events = list(stream)
     kinds = [e.type for e in events]
-    assert kinds[:5] == ["response.created", "response.in_progress", "response.output_item.added",
-                         "response.content_part.added", "response.output_text.delta"]
-    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
-                          "response.incomplete"]
+    assert kinds[:5] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
     assert set(kinds[4:-4]) == {"response.output_text.delta"}
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert events[0].response.status == "in_progress" and events[0].response.output == []
@@ -81,8 +93,15 @@ def test_streaming_events_in_openais_order(client) -> None:
 
 def test_forced_function_call_then_its_output(client, qwen_dir: Path) -> None:
     api = sdk(client)
-    first = api.responses.create(model=QWEN, input="Weather in Oslo?", tools=TOOLS, tool_choice="required",
-                                 parallel_tool_calls=False, max_output_tokens=CALL_BUDGET, store=False)
+    first = api.responses.create(
+        model=QWEN,
+        input="Weather in Oslo?",
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=CALL_BUDGET,
+        store=False,
+    )
     assert first.status == "completed"
     calls = [item for item in first.output if item.type == "function_call"]
     assert len(calls) == 1
@@ -90,24 +109,38 @@ def test_forced_function_call_then_its_output(client, qwen_dir: Path) -> None:
     args = assert_valid_call(call.name, call.arguments)
     assert call.call_id and call.id.startswith("fc_") and call.status == "completed"
 
-    items = [{"role": "user", "content": "Weather in Oslo?"},
-             {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
-             {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    items = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+    ]
     second = api.responses.create(model=QWEN, input=items, tools=TOOLS, max_output_tokens=4, store=False)
-    expected = [{"role": "user", "content": "Weather in Oslo?"},
-                {"role": "assistant", "content": "", "tool_calls": [
-                    {"type": "function", "function": {"name": call.name, "arguments": args}}]},
-                {"role": "tool", "content": "sunny"}]
-    tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
-                                               "parameters": t["parameters"]}} for t in TOOLS]
+    expected = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": call.name, "arguments": args}}],
+        },
+        {"role": "tool", "content": "sunny"},
+    ]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": t["name"], "description": t["description"], "parameters": t["parameters"]},
+        }
+        for t in TOOLS
+    ]
     assert second.usage.input_tokens == rendered_length(qwen_dir, expected, tools=tools)
 
 
 def test_input_items_of_a_stored_response(client) -> None:
     api = sdk(client)
-    items = [{"role": "user", "content": "Weather in Oslo?"},
-             {"type": "function_call", "call_id": "call_1", "name": "get_time", "arguments": '{"zone": "UTC"}'},
-             {"type": "function_call_output", "call_id": "call_1", "output": "noon"}]
+    items = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_time", "arguments": '{"zone": "UTC"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "noon"},
+    ]
     response = api.responses.create(model=QWEN, input=items, tools=TOOLS, max_output_tokens=2)
     listed = api.responses.input_items.list(response.id, order="asc")
     assert [item.type for item in listed.data] == ["message", "function_call", "function_call_output"]
@@ -121,8 +154,14 @@ def test_input_items_of_a_stored_response(client) -> None:
 
 
 def test_named_function_streams_name_first_then_arguments(client) -> None:
-    stream = sdk(client).responses.create(model=QWEN, input="time?", tools=TOOLS, max_output_tokens=CALL_BUDGET,
-                                          stream=True, tool_choice={"type": "function", "name": "get_time"})
+    stream = sdk(client).responses.create(
+        model=QWEN,
+        input="time?",
+        tools=TOOLS,
+        max_output_tokens=CALL_BUDGET,
+        stream=True,
+        tool_choice={"type": "function", "name": "get_time"},
+    )
     events = list(stream)
     [added] = [e for e in events if e.type == "response.output_item.added"]
     assert added.item.type == "function_call" and added.item.name == "get_time" and added.item.arguments == ""
@@ -134,8 +173,13 @@ def test_named_function_streams_name_first_then_arguments(client) -> None:
     assert events[-1].type == "response.completed" and events[-1].response.output[0].arguments == arguments
 
     # The SDK's stream helper rebuilds the response from the events (and checks their identities).
-    with sdk(client).responses.stream(model=QWEN, input="time?", tools=TOOLS, max_output_tokens=CALL_BUDGET,
-                                      tool_choice={"type": "function", "name": "get_time"}) as stream:
+    with sdk(client).responses.stream(
+        model=QWEN,
+        input="time?",
+        tools=TOOLS,
+        max_output_tokens=CALL_BUDGET,
+        tool_choice={"type": "function", "name": "get_time"},
+    ) as stream:
         final = stream.get_final_response()
     [call] = final.output
     assert call.type == "function_call" and call.name == "get_time"
@@ -149,17 +193,29 @@ def test_previous_response_id_survives_a_restart(serve_models, tiny_llama_dir: P
 
     api = sdk(serve_models())  # a new server process on the same database
     assert api.responses.retrieve(first.id).output_text == first.output_text
-    second = api.responses.create(model=TINY_LLAMA, input="What is my name?", previous_response_id=first.id,
-                                  instructions="Answer briefly.", max_output_tokens=4, temperature=0)
+    second = api.responses.create(
+        model=TINY_LLAMA,
+        input="What is my name?",
+        previous_response_id=first.id,
+        instructions="Answer briefly.",
+        max_output_tokens=4,
+        temperature=0,
+    )
     assert second.previous_response_id == first.id
-    history = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "My name is Ada."},
-               {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "What is my name?"}]
+    history = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "What is my name?"},
+    ]
     assert second.usage.input_tokens == rendered_length(tiny_llama_dir, history)
     # Instructions do not carry over: the third turn's prompt has the conversation but no system message.
-    third = api.responses.create(model=TINY_LLAMA, input="Again?", previous_response_id=second.id,
-                                 max_output_tokens=1)
-    history = [*history[1:], {"role": "assistant", "content": second.output_text},
-               {"role": "user", "content": "Again?"}]
+    third = api.responses.create(model=TINY_LLAMA, input="Again?", previous_response_id=second.id, max_output_tokens=1)
+    history = [
+        *history[1:],
+        {"role": "assistant", "content": second.output_text},
+        {"role": "user", "content": "Again?"},
+    ]
     assert third.usage.input_tokens == rendered_length(tiny_llama_dir, history)
 
 
@@ -169,10 +225,10 @@ def test_replicas_share_conversations_through_database_url(serve_models, tmp_pat
     use): a conversation begun on one continues on the other."""
     shared = {"DATABASE_URL": f"sqlite:///{tmp_path / 'shared' / 'ai-server.db'}"}
     first = sdk(serve_models(DATA_DIR=str(tmp_path / "replica-a"), **shared)).responses.create(
-        model=TINY_LLAMA, input="hi", max_output_tokens=2)
+        model=TINY_LLAMA, input="hi", max_output_tokens=2
+    )
     other = sdk(serve_models(DATA_DIR=str(tmp_path / "replica-b"), **shared))
-    second = other.responses.create(model=TINY_LLAMA, input="again", previous_response_id=first.id,
-                                    max_output_tokens=2)
+    second = other.responses.create(model=TINY_LLAMA, input="again", previous_response_id=first.id, max_output_tokens=2)
     assert second.usage.input_tokens > first.usage.input_tokens
     assert other.responses.retrieve(first.id).id == first.id
 
@@ -225,8 +281,10 @@ def test_bad_requests_are_openai_400s(client) -> None:
     with pytest.raises(NotFoundError):
         api.responses.create(model="nobody/nothing", input="hi")
     with pytest.raises(BadRequestError, match="not supported"):
-        api.responses.create(model=TINY_LLAMA, input=[{"role": "user", "content": [
-            {"type": "input_image", "image_url": "https://example.com/a.png"}]}])
+        api.responses.create(
+            model=TINY_LLAMA,
+            input=[{"role": "user", "content": [{"type": "input_image", "image_url": "https://example.com/a.png"}]}],
+        )
     with pytest.raises(BadRequestError, match="not one of `tools`"):
         api.responses.create(model=QWEN, input="hi", tools=TOOLS, tool_choice={"type": "function", "name": "nope"})
     r = client.post("/v1/responses", json={"model": TINY_LLAMA, "input": "hi", "tools": [{"type": "web_search"}]})
@@ -235,17 +293,25 @@ def test_bad_requests_are_openai_400s(client) -> None:
 
 
 def test_json_schema_text_format(client) -> None:
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-              "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
     response = sdk(client).responses.create(
-        model=TINY_LLAMA, input="JSON please", max_output_tokens=40,
-        text={"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
+        model=TINY_LLAMA,
+        input="JSON please",
+        max_output_tokens=40,
+        text={"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}},
+    )
     assert response.status == "completed"
     assert isinstance(json.loads(response.output_text)["ok"], bool)
     assert response.text.format.type == "json_schema"
 
 
 # -- on a real socket: the OpenAI Agents SDK, and the vLLM engine -------------------------------------
+
 
 def run_weather_agent(url: str, streamed: bool = False) -> None:
     """One agent with one function tool: the call is forced (tool_choice="required") and the run
@@ -264,14 +330,20 @@ def run_weather_agent(url: str, streamed: bool = False) -> None:
         calls.append((city, metric))
         return f"sunny in {city}"
 
-    model = OpenAIResponsesModel(model=QWEN, openai_client=AsyncOpenAI(base_url=f"{url}/v1", api_key="unused",
-                                                                       timeout=180, max_retries=0))
-    agent = Agent(name="weather", instructions="Answer with the tool.", model=model, tools=[get_weather],
-                  model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False,
-                                               max_tokens=CALL_BUDGET),
-                  tool_use_behavior="stop_on_first_tool")
+    model = OpenAIResponsesModel(
+        model=QWEN, openai_client=AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=180, max_retries=0)
+    )
+    agent = Agent(
+        name="weather",
+        instructions="Answer with the tool.",
+        model=model,
+        tools=[get_weather],
+        model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=CALL_BUDGET),
+        tool_use_behavior="stop_on_first_tool",
+    )
     if streamed:
-        async def run_streamed():  # noqa: ANN202 - the SDK's RunResultStreaming
+
+        async def run_streamed():
             result = Runner.run_streamed(agent, "Weather in Rome?")
             kinds = [event.type async for event in result.stream_events()]
             assert "raw_response_event" in kinds and "run_item_stream_event" in kinds
@@ -316,14 +388,21 @@ class TestOnVllm:
         from openai import OpenAI
 
         api = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=180, max_retries=0)
-        events = list(api.responses.create(model=QWEN, input="Hi", max_output_tokens=6, stream=True,
-                                           reasoning={"effort": "none"}))
+        events = list(
+            api.responses.create(model=QWEN, input="Hi", max_output_tokens=6, stream=True, reasoning={"effort": "none"})
+        )
         assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
         first = events[-1].response
         assert first.usage.output_tokens > 0
-        called = api.responses.create(model=QWEN, input="Weather?", tools=TOOLS, tool_choice="required",
-                                      parallel_tool_calls=False, max_output_tokens=CALL_BUDGET,
-                                      previous_response_id=first.id)
+        called = api.responses.create(
+            model=QWEN,
+            input="Weather?",
+            tools=TOOLS,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_output_tokens=CALL_BUDGET,
+            previous_response_id=first.id,
+        )
         [call] = [item for item in called.output if item.type == "function_call"]
         assert_valid_call(call.name, call.arguments)
         assert called.usage.input_tokens > first.usage.input_tokens  # the first turn is in the prompt

@@ -24,8 +24,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     src = build_tiny_llama(root / "src", hidden_size=128, layers=4)
     install_into_hf_cache(src, root / "hf" / "hub", MODEL)
     # The transformers runner on purpose: where vLLM is installed, `auto` would pick it for this model.
-    env = {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, "DATA_DIR": str(root / "data"),
-           "BENTOML_HOME": str(root / "bentoml"), "BACKEND": "transformers"}
+    env = {
+        "HF_HOME": str(root / "hf"),
+        "HF_ENDPOINT": UNREACHABLE_HUB,
+        "DATA_DIR": str(root / "data"),
+        "BENTOML_HOME": str(root / "bentoml"),
+        "BACKEND": "transformers",
+    }
     with running_server(env, root / "server.log") as url:
         yield url
 

@@ -9,8 +9,18 @@ from settings import Settings, SettingsError, load_settings, parse_duration
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("5m", 300), ("1h30m", 5400), ("250ms", 0.25), ("30s", 30), ("45", 45), (0, 0), (2.5, 2.5), ("-1", None),
-     (-5, None), ("-1m", None)],
+    [
+        ("5m", 300),
+        ("1h30m", 5400),
+        ("250ms", 0.25),
+        ("30s", 30),
+        ("45", 45),
+        (0, 0),
+        (2.5, 2.5),
+        ("-1", None),
+        (-5, None),
+        ("-1m", None),
+    ],
 )
 def test_keep_alive_durations(value: object, seconds: float | None) -> None:
     assert parse_duration(value) == seconds
@@ -23,12 +33,25 @@ def test_bad_durations_are_rejected(value: str) -> None:
 
 
 def test_defaults_match_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("MAX_CACHE_MODELS", "MODEL_LOAD_COOLDOWN", "MODEL_Q4_THRESHOLD_BYTES", "MAX_CONCURRENT_PULLS",
-                "BACKEND", "KEEP_ALIVE", "API_KEYS", "DATABASE_URL", "MODEL_MEMORY_BUDGET_BYTES"):
+    for var in (
+        "MAX_CACHE_MODELS",
+        "MODEL_LOAD_COOLDOWN",
+        "MODEL_Q4_THRESHOLD_BYTES",
+        "MAX_CONCURRENT_PULLS",
+        "BACKEND",
+        "KEEP_ALIVE",
+        "API_KEYS",
+        "DATABASE_URL",
+        "MODEL_MEMORY_BUDGET_BYTES",
+    ):
         monkeypatch.delenv(var, raising=False)
     s = Settings()
     assert (s.max_cache_models, s.model_load_cooldown, s.model_q4_threshold_bytes, s.max_concurrent_pulls) == (
-        2, 300, 14_000_000_000, 2)
+        2,
+        300,
+        14_000_000_000,
+        2,
+    )
     assert s.backend == "auto" and s.keep_alive == 300 and s.api_keys == [] and s.model_memory_budget_bytes is None
     assert s.resolved_database_url == f"sqlite:///{s.data_dir / 'jobs.db'}"
 

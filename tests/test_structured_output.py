@@ -34,7 +34,7 @@ SCHEMA = {
 
 
 @asynccontextmanager
-async def model_pool(install_model, *models: tuple[Path, str]) -> AsyncIterator[ModelPool]:  # noqa: ANN001
+async def model_pool(install_model, *models: tuple[Path, str]) -> AsyncIterator[ModelPool]:
     for src, repo in models:
         install_model(src, repo)
     pool = ModelPool(load_settings())
@@ -65,12 +65,15 @@ async def test_json_schema_constrains_every_sample(install_model, tiny_llama_dir
 
 
 async def test_json_mode_on_a_raw_prompt_of_a_model_without_template(install_model, tiny_gpt2_dir: Path) -> None:
-    """"json" means any JSON object; strings are unbounded, so only the samples that finish are parsed."""
+    """ "json" means any JSON object; strings are unbounded, so only the samples that finish are parsed."""
     async with model_pool(install_model, (tiny_gpt2_dir, TINY_GPT2)) as pool:
         finished = []
         for seed in range(48):
-            request = GenerationRequest(prompt="Data:", options=SamplingOptions(temperature=1.0, seed=seed, max_tokens=8),
-                                        response_format=ResponseFormat("json"))
+            request = GenerationRequest(
+                prompt="Data:",
+                options=SamplingOptions(temperature=1.0, seed=seed, max_tokens=8),
+                response_format=ResponseFormat("json"),
+            )
             text, finish = await generate(pool, TINY_GPT2, request)
             assert text.startswith("{")
             if finish == "stop":

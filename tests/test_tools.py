@@ -36,8 +36,13 @@ LLAMA31 = "test-org/tiny-llama31-tools"  # Llama 3.1 JSON tool calls
 
 @pytest.fixture(scope="session")
 def llama31_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("llama31"), chat_template=LLAMA31_TEMPLATE,
-                            extra_tokens=LLAMA31_TOKENS, hidden_size=128, seed=2)
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("llama31"),
+        chat_template=LLAMA31_TEMPLATE,
+        extra_tokens=LLAMA31_TOKENS,
+        hidden_size=128,
+        seed=2,
+    )
 
 
 @pytest.fixture
@@ -50,10 +55,19 @@ def client(serve, install_model, qwen_dir: Path, llama31_dir: Path, tiny_llama_d
 
 # -- the OpenAI dialect ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("model", [QWEN, LLAMA31])
 def test_required_tool_choice_gives_a_valid_call(client, model: str) -> None:
-    body = chat_body(model, "What's the weather in Paris?", tools=[WEATHER, CLOCK], tool_choice="required",
-                     parallel_tool_calls=False, max_tokens=80, temperature=1.0, seed=3)
+    body = chat_body(
+        model,
+        "What's the weather in Paris?",
+        tools=[WEATHER, CLOCK],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=80,
+        temperature=1.0,
+        seed=3,
+    )
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
@@ -70,8 +84,13 @@ def test_named_tool_choice_streams_name_first_then_arguments(client) -> None:
 
     sdk = OpenAI(base_url=f"{client.base_url}/v1", api_key="unused", http_client=client)
     stream = sdk.chat.completions.create(
-        model=QWEN, messages=[{"role": "user", "content": "time?"}], tools=[WEATHER, CLOCK],
-        tool_choice={"type": "function", "function": {"name": "get_time"}}, max_tokens=60, stream=True, seed=4,
+        model=QWEN,
+        messages=[{"role": "user", "content": "time?"}],
+        tools=[WEATHER, CLOCK],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        max_tokens=60,
+        stream=True,
+        seed=4,
     )
     pieces, finish = [], None
     for chunk in stream:
@@ -92,18 +111,32 @@ def test_two_turn_agent_loop_with_the_openai_client(client, qwen_dir: Path) -> N
 
     sdk = OpenAI(base_url=f"{client.base_url}/v1", api_key="unused", http_client=client)
     messages: list[dict] = [{"role": "user", "content": "Weather in Rome?"}]
-    first = sdk.chat.completions.create(model=QWEN, messages=messages, tools=[WEATHER], tool_choice="required",
-                                        parallel_tool_calls=False, max_tokens=80, seed=5)
+    first = sdk.chat.completions.create(
+        model=QWEN,
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=80,
+        seed=5,
+    )
     call = first.choices[0].message.tool_calls[0]
     args = assert_valid_call(call.function.name, call.function.arguments)
-    messages += [first.choices[0].message.model_dump(exclude_none=True),
-                 {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    messages += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'},
+    ]
     second = sdk.chat.completions.create(model=QWEN, messages=messages, tools=[WEATHER], max_tokens=8, seed=6)
     assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    expected = [messages[0],
-                {"role": "assistant", "content": "", "tool_calls": [
-                    {"type": "function", "function": {"name": call.function.name, "arguments": args}}]},
-                {"role": "tool", "content": '{"temperature": 21}'}]
+    expected = [
+        messages[0],
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": call.function.name, "arguments": args}}],
+        },
+        {"role": "tool", "content": '{"temperature": 21}'},
+    ]
     assert second.usage.prompt_tokens == rendered_length(qwen_dir, expected, tools=[WEATHER])
 
 
@@ -127,8 +160,9 @@ def test_bad_tool_choices_are_400s_naming_the_field(client) -> None:
 
 
 def test_legacy_functions_map_onto_tools(client) -> None:
-    body = chat_body(QWEN, "weather", functions=[WEATHER["function"]], function_call={"name": "get_weather"},
-                     max_tokens=80, seed=7)
+    body = chat_body(
+        QWEN, "weather", functions=[WEATHER["function"]], function_call={"name": "get_weather"}, max_tokens=80, seed=7
+    )
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     [call] = r.json()["choices"][0]["message"]["tool_calls"]
@@ -152,12 +186,26 @@ def test_auto_tools_keep_the_clients_response_format(client) -> None:
 def test_open_webui_default_chat_with_its_tools_works(client) -> None:
     """Open WebUI's native function calling sends its tools with every chat, tool_choice unset."""
     body = {
-        "model": QWEN, "stream": True, "messages": [{"role": "system", "content": "You are helpful."},
-                                                    {"role": "user", "content": "Hello!"}],
-        "tools": [WEATHER, {"type": "function", "function": {"name": "search_web", "description": "Search the web",
-                                                               "parameters": {"type": "object", "properties": {
-                                                                   "query": {"type": "string"}}, "required": ["query"]}}}],
-        "stream_options": {"include_usage": True}, "max_tokens": 6,
+        "model": QWEN,
+        "stream": True,
+        "messages": [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hello!"}],
+        "tools": [
+            WEATHER,
+            {
+                "type": "function",
+                "function": {
+                    "name": "search_web",
+                    "description": "Search the web",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"query": {"type": "string"}},
+                        "required": ["query"],
+                    },
+                },
+            },
+        ],
+        "stream_options": {"include_usage": True},
+        "max_tokens": 6,
     }
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
@@ -168,8 +216,13 @@ def test_open_webui_default_chat_with_its_tools_works(client) -> None:
 
     # Through an Ollama connection Open WebUI converts the same chat to Ollama's shape
     # (utils/payload.py convert_payload_openai_to_ollama): tools stay, sampling moves to options.
-    ollama_body = {"model": QWEN, "messages": body["messages"], "stream": True, "tools": body["tools"],
-                   "options": {"num_predict": 6}}
+    ollama_body = {
+        "model": QWEN,
+        "messages": body["messages"],
+        "stream": True,
+        "tools": body["tools"],
+        "options": {"num_predict": 6},
+    }
     with client.stream("POST", "/api/chat", json=ollama_body) as r:
         assert r.status_code == 200
         lines = [json.loads(line) for line in r.iter_lines() if line]
@@ -179,8 +232,9 @@ def test_open_webui_default_chat_with_its_tools_works(client) -> None:
 def test_langchain_bind_tools_forced_call(client) -> None:
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model=QWEN, base_url=f"{client.base_url}/v1", api_key="unused", http_client=client,
-                     max_tokens=80, seed=8)
+    llm = ChatOpenAI(
+        model=QWEN, base_url=f"{client.base_url}/v1", api_key="unused", http_client=client, max_tokens=80, seed=8
+    )
     message = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Oslo?")
     [call] = message.tool_calls
     assert call["name"] == "get_weather"
@@ -189,10 +243,17 @@ def test_langchain_bind_tools_forced_call(client) -> None:
 
 # -- the Ollama dialect and native /chat -----------------------------------------------------------
 
+
 def test_ollama_forced_call_json_and_stream(client) -> None:
     named = {"type": "function", "function": {"name": "get_weather"}}
-    body = chat_body(QWEN, "weather?", tools=[WEATHER, CLOCK], tool_choice=named, stream=False,
-                     options={"num_predict": 80, "seed": 9})
+    body = chat_body(
+        QWEN,
+        "weather?",
+        tools=[WEATHER, CLOCK],
+        tool_choice=named,
+        stream=False,
+        options={"num_predict": 80, "seed": 9},
+    )
     r = client.post("/api/chat", json=body)
     assert r.status_code == 200, r.text
     calls = r.json()["message"]["tool_calls"]
@@ -224,20 +285,37 @@ def test_ollama_client_with_a_python_function_as_tool(client, qwen_dir: Path) ->
 
     sdk = ollama.Client(host=str(client.base_url))
     sdk._client = client  # the official client's calls, sent to the in-process server
-    answer = sdk.chat(model=QWEN, messages=[{"role": "user", "content": "hi"}], tools=[get_weather],
-                      options={"num_predict": 4})
+    answer = sdk.chat(
+        model=QWEN, messages=[{"role": "user", "content": "hi"}], tools=[get_weather], options={"num_predict": 4}
+    )
     assert answer.done
-    history = [{"role": "user", "content": "Weather in Paris?"},
-               {"role": "assistant", "content": "", "tool_calls": [
-                   {"function": {"name": "get_weather", "arguments": {"city": "Paris", "metric": True}}}]},
-               {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris", "metric": True}}}],
+        },
+        {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
+    ]
     second = sdk.chat(model=QWEN, messages=history, tools=[get_weather], options={"num_predict": 4})
     from ollama._utils import convert_function_to_tool
 
     tools = [convert_function_to_tool(get_weather).model_dump(exclude_none=True)]
-    sent = [history[0], {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-        "name": "get_weather", "arguments": {"city": "Paris", "metric": True}}}]},
-            {"role": "tool", "content": "sunny", "name": "get_weather"}]
+    sent = [
+        history[0],
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris", "metric": True}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "sunny", "name": "get_weather"},
+    ]
     assert second.prompt_eval_count == rendered_length(qwen_dir, sent, tools=tools)
 
 
@@ -252,12 +330,15 @@ def test_show_capabilities_tell_the_truth(client) -> None:
 
 def test_think_switch_reaches_the_template(client, qwen_dir: Path) -> None:
     messages = [{"role": "user", "content": "think about it"}]
-    off = client.post("/api/chat", json=chat_body(QWEN, "think about it", think=False, stream=False,
-                                                  options={"num_predict": 2}))
+    off = client.post(
+        "/api/chat", json=chat_body(QWEN, "think about it", think=False, stream=False, options={"num_predict": 2})
+    )
     assert off.status_code == 200, off.text
     assert off.json()["prompt_eval_count"] == rendered_length(qwen_dir, messages, enable_thinking=False)
-    on = client.post("/v1/chat/completions", json=chat_body(QWEN, "think about it", max_tokens=2,
-                                                            chat_template_kwargs={"enable_thinking": True}))
+    on = client.post(
+        "/v1/chat/completions",
+        json=chat_body(QWEN, "think about it", max_tokens=2, chat_template_kwargs={"enable_thinking": True}),
+    )
     assert on.json()["usage"]["prompt_tokens"] == rendered_length(qwen_dir, messages)
     status = client.get("/status").json()
     [loaded] = [m for m in status["loaded_models"] if m["model"] == QWEN]
@@ -265,8 +346,13 @@ def test_think_switch_reaches_the_template(client, qwen_dir: Path) -> None:
 
 
 def test_native_chat_forced_call(client) -> None:
-    body = chat_body(QWEN, "weather?", tools=[WEATHER], tool_choice={"type": "function", "function": {
-        "name": "get_weather"}}, max_tokens=80)
+    body = chat_body(
+        QWEN,
+        "weather?",
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=80,
+    )
     r = client.post("/chat", json=body)
     assert r.status_code == 200, r.text
     [call, *_] = r.json()["message"]["tool_calls"]
@@ -275,15 +361,19 @@ def test_native_chat_forced_call(client) -> None:
 
 # -- parsing the model's own choices (auto), on fixed outputs ---------------------------------------
 
+
 def _feed(parser: OutputParser, tokenizer, text: str, piece_tokens: int = 2) -> tuple[str, str, list]:
     """Stream `text` through the parser `piece_tokens` tokens at a time, as an engine would."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     content, reasoning, calls = [], [], []
     for start in range(0, len(ids), piece_tokens):
-        piece = ids[start:start + piece_tokens]
+        piece = ids[start : start + piece_tokens]
         done = start + piece_tokens >= len(ids)
-        chunk = Chunk(tokenizer.decode(ids[:start + piece_tokens])[len(tokenizer.decode(ids[:start])):],
-                      token_ids=piece, finish_reason="stop" if done else None)
+        chunk = Chunk(
+            tokenizer.decode(ids[: start + piece_tokens])[len(tokenizer.decode(ids[:start])) :],
+            token_ids=piece,
+            finish_reason="stop" if done else None,
+        )
         delta = parser.feed(chunk)
         content.append(delta.content)
         reasoning.append(delta.reasoning)
@@ -301,8 +391,9 @@ def _parser(model_dir: Path, request: GenerationRequest, repo: str) -> tuple[Out
     info: ModelInfo = _describe(model_dir, "test")
     choice = choose_parsers(repo, info, Settings())
     parser = OutputParser(repo, choice, tokenizer, request)
-    text = tokenizer.apply_chat_template(request.messages, tools=request.tools, tokenize=False,
-                                         add_generation_prompt=True, **request.template_kwargs)
+    text = tokenizer.apply_chat_template(
+        request.messages, tools=request.tools, tokenize=False, add_generation_prompt=True, **request.template_kwargs
+    )
     parser.set_prompt(tokenizer(text, add_special_tokens=False)["input_ids"])
     return parser, tokenizer
 
@@ -311,20 +402,25 @@ def _parser(model_dir: Path, request: GenerationRequest, repo: str) -> tuple[Out
 def test_auto_hermes_output_with_reasoning_text_and_parallel_calls(qwen_dir: Path, piece_tokens: int) -> None:
     request = GenerationRequest(messages=[{"role": "user", "content": "x"}], tools=[WEATHER, CLOCK])
     parser, tokenizer = _parser(qwen_dir, request, QWEN)
-    output = ("<think>\nThe user wants two things.\n</think>\n\nLet me check.\n<tool_call>\n"
-              '{"name": "get_weather", "arguments": {"city": "Rome", "metric": true}}\n</tool_call>\n<tool_call>\n'
-              '{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
+    output = (
+        "<think>\nThe user wants two things.\n</think>\n\nLet me check.\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Rome", "metric": true}}\n</tool_call>\n<tool_call>\n'
+        '{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+    )
     content, reasoning, calls = _feed(parser, tokenizer, output, piece_tokens)
     assert reasoning.strip() == "The user wants two things."
     assert content.strip() == "Let me check."
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [
-        ("get_weather", {"city": "Rome", "metric": True}), ("get_time", {"zone": "CET"})]
+        ("get_weather", {"city": "Rome", "metric": True}),
+        ("get_time", {"zone": "CET"}),
+    ]
     assert len({c.id for c in calls}) == 2
 
 
 def test_auto_plain_answer_and_thinking_disabled(qwen_dir: Path) -> None:
-    request = GenerationRequest(messages=[{"role": "user", "content": "x"}], tools=[WEATHER],
-                                template_kwargs={"enable_thinking": False})
+    request = GenerationRequest(
+        messages=[{"role": "user", "content": "x"}], tools=[WEATHER], template_kwargs={"enable_thinking": False}
+    )
     parser, tokenizer = _parser(qwen_dir, request, QWEN)
     content, reasoning, calls = _feed(parser, tokenizer, "Just an answer, no tools needed.")
     assert (content, reasoning, calls) == ("Just an answer, no tools needed.", "", [])
@@ -349,6 +445,7 @@ def test_parser_overrides_per_model() -> None:
 
 # -- the vLLM engine --------------------------------------------------------------------------------
 
+
 class TestOnVllm:
     @pytest.fixture(scope="class")
     def url(self, tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path):
@@ -360,8 +457,15 @@ class TestOnVllm:
             yield url
 
     def test_required_and_named_calls_json_and_stream(self, url: str) -> None:
-        body = chat_body(QWEN, "weather?", tools=[WEATHER, CLOCK], tool_choice="required", parallel_tool_calls=False,
-                         max_tokens=80, seed=11)
+        body = chat_body(
+            QWEN,
+            "weather?",
+            tools=[WEATHER, CLOCK],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_tokens=80,
+            seed=11,
+        )
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=180)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["finish_reason"] == "tool_calls"
@@ -374,8 +478,11 @@ class TestOnVllm:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=named, timeout=180) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
-                    pieces += json.loads(line[6:])["choices"][0]["delta"].get("tool_calls", []) if json.loads(
-                        line[6:])["choices"] else []
+                    pieces += (
+                        json.loads(line[6:])["choices"][0]["delta"].get("tool_calls", [])
+                        if json.loads(line[6:])["choices"]
+                        else []
+                    )
         assert pieces and pieces[0]["function"]["name"] == "get_weather"
         assert_valid_call("get_weather", "".join(p["function"].get("arguments", "") for p in pieces))
 

@@ -50,6 +50,7 @@ def data_url(data: bytes, media: str = "image/png") -> str:
 def bomb_png(side: int = 60_000) -> bytes:
     """A PNG whose header claims side x side pixels (3.6 gigapixels) in a few hundred bytes of
     compressed zeros: decoding it would need gigabytes."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -64,7 +65,7 @@ def image_host() -> Iterator[str]:
     body = png((10, 200, 10))
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        def do_GET(self) -> None:
             found = self.path == "/cat.png"
             self.send_response(200 if found else 404)
             self.send_header("Content-Type", "image/png")
@@ -90,15 +91,22 @@ def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_llava_dir: Path, tiny_llama_dir: Path,
-           image_host: str) -> Iterator[str]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llava_dir: Path, tiny_llama_dir: Path, image_host: str
+) -> Iterator[str]:
     root = tmp_path_factory.mktemp("vision")
     with LocalHub(root / "hub") as hub:
         hub.add_repo(LLAVA, tiny_llava_dir)
         hub.add_repo(LLAMA, tiny_llama_dir)
-        env = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(root / "hf"), "DATA_DIR": str(root / "data"),
-               "BENTOML_HOME": str(root / "bentoml"), "IMAGE_URL_ALLOWLIST": f"{image_host}/",
-               "MAX_IMAGES_PER_REQUEST": "4", "MAX_IMAGE_PIXELS": "1000000"}
+        env = {
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HOME": str(root / "hf"),
+            "DATA_DIR": str(root / "data"),
+            "BENTOML_HOME": str(root / "bentoml"),
+            "IMAGE_URL_ALLOWLIST": f"{image_host}/",
+            "MAX_IMAGES_PER_REQUEST": "4",
+            "MAX_IMAGE_PIXELS": "1000000",
+        }
         with running_server(env, root / "server.log") as url:
             client = ollama.Client(host=url)
             assert client.pull(LLAVA).status == "success"
@@ -159,8 +167,10 @@ def test_same_image_same_answer_other_image_other_input(client: ollama.Client) -
     """The pixels reach the model: the same image gives the same greedy answer; the prompt differs
     only in pixels, so a differing answer for another image can only come from the image."""
     options = {"temperature": 0, "num_predict": 8, "ignore_eos": True}
-    answers = [client.generate(LLAVA, prompt="x", images=[png(color)], options=options).response
-               for color in [(255, 0, 0), (255, 0, 0), (0, 0, 0), (255, 255, 255)]]
+    answers = [
+        client.generate(LLAVA, prompt="x", images=[png(color)], options=options).response
+        for color in [(255, 0, 0), (255, 0, 0), (0, 0, 0), (255, 255, 255)]
+    ]
     assert answers[0] == answers[1]
     assert len(set(answers[1:])) > 1
 
@@ -172,29 +182,40 @@ def test_answer_matches_transformers_generate_on_the_same_images(oai: openai.Ope
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     images = [png((250, 120, 0)), png((0, 90, 200), size=(30, 60), fmt="JPEG")]
-    content = [{"type": "text", "text": "compare the two"},
-               *({"type": "image_url", "image_url": {"url": data_url(i)}} for i in images)]
-    reply = oai.chat.completions.create(model=LLAVA, messages=[{"role": "user", "content": content}],
-                                        max_tokens=12, temperature=0)
+    content = [
+        {"type": "text", "text": "compare the two"},
+        *({"type": "image_url", "image_url": {"url": data_url(i)}} for i in images),
+    ]
+    reply = oai.chat.completions.create(
+        model=LLAVA, messages=[{"role": "user", "content": content}], max_tokens=12, temperature=0
+    )
 
     processor = AutoProcessor.from_pretrained(tiny_llava_dir)
     model = AutoModelForImageTextToText.from_pretrained(tiny_llava_dir, dtype=torch.float32).eval()
     parts = [{"type": "text", "text": "compare the two"}, {"type": "image"}, {"type": "image"}]
-    text = processor.tokenizer.apply_chat_template([{"role": "user", "content": parts}], tokenize=False,
-                                                   add_generation_prompt=True)
-    inputs = processor(text=text, images=[Image.open(io.BytesIO(i)).convert("RGB") for i in images],
-                       add_special_tokens=False, return_tensors="pt")
+    text = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": parts}], tokenize=False, add_generation_prompt=True
+    )
+    inputs = processor(
+        text=text,
+        images=[Image.open(io.BytesIO(i)).convert("RGB") for i in images],
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]
     assert reply.choices[0].message.content == expected
 
 
 def test_ollama_fits_a_long_chat_by_dropping_old_messages_with_their_images(client: ollama.Client) -> None:
     last = {"role": "user", "content": "and now?", "images": [png((0, 0, 255))]}
-    history = [{"role": "user", "content": "look at these", "images": [png(), png((0, 255, 0)), png((1, 1, 1))]},
-               {"role": "assistant", "content": "three squares"}, last]
+    history = [
+        {"role": "user", "content": "look at these", "images": [png(), png((0, 255, 0)), png((1, 1, 1))]},
+        {"role": "assistant", "content": "three squares"},
+        last,
+    ]
     options = {**GREEDY, "num_ctx": 60}
     full = client.chat(LLAVA, messages=history, options={**GREEDY})
     fitted = client.chat(LLAVA, messages=history, options=options)
@@ -216,10 +237,13 @@ def test_langchain_chat_ollama_with_an_image_message(server: str) -> None:
 
 def test_openai_data_urls_in_content_parts(oai: openai.OpenAI) -> None:
     def usage(*urls: str) -> int:
-        content = [{"type": "text", "text": "compare"},
-                   *({"type": "image_url", "image_url": {"url": url}} for url in urls)]
-        reply = oai.chat.completions.create(model=LLAVA, messages=[{"role": "user", "content": content}],
-                                            max_tokens=3, temperature=0)
+        content = [
+            {"type": "text", "text": "compare"},
+            *({"type": "image_url", "image_url": {"url": url}} for url in urls),
+        ]
+        reply = oai.chat.completions.create(
+            model=LLAVA, messages=[{"role": "user", "content": content}], max_tokens=3, temperature=0
+        )
         assert reply.choices[0].finish_reason in ("stop", "length")
         return reply.usage.prompt_tokens
 
@@ -230,23 +254,32 @@ def test_openai_data_urls_in_content_parts(oai: openai.OpenAI) -> None:
 
 def test_openai_streams_with_images_in_two_messages(oai: openai.OpenAI) -> None:
     image = {"type": "image_url", "image_url": {"url": data_url(png()), "detail": "low"}}
-    messages = [{"role": "user", "content": [image, {"type": "text", "text": "one"}]},
-                {"role": "assistant", "content": "ok"},
-                {"role": "user", "content": [{"type": "text", "text": "two"}, image]}]
-    stream = oai.chat.completions.create(model=LLAVA, messages=messages, max_tokens=3, temperature=0,
-                                         stream=True, stream_options={"include_usage": True})
+    messages = [
+        {"role": "user", "content": [image, {"type": "text", "text": "one"}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "text", "text": "two"}, image]},
+    ]
+    stream = oai.chat.completions.create(
+        model=LLAVA, messages=messages, max_tokens=3, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > 2 * TOKENS_PER_IMAGE
 
 
 def test_openai_remote_urls_only_from_the_allow_list(oai: openai.OpenAI, image_host: str) -> None:
     def ask(url: str) -> openai.types.chat.ChatCompletion:
-        return oai.chat.completions.create(model=LLAVA, max_tokens=2, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+        return oai.chat.completions.create(
+            model=LLAVA,
+            max_tokens=2,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+        )
 
     assert ask(f"{image_host}/cat.png").usage.prompt_tokens > TOKENS_PER_IMAGE
-    for refused in ["http://169.254.169.254/latest/meta-data/", "https://example.com/cat.png",
-                    f"{image_host}.evil.example/cat.png"]:
+    for refused in [
+        "http://169.254.169.254/latest/meta-data/",
+        "https://example.com/cat.png",
+        f"{image_host}.evil.example/cat.png",
+    ]:
         with pytest.raises(openai.BadRequestError) as caught:
             ask(refused)
         assert caught.value.param == "messages[0].content[0]"
@@ -256,11 +289,16 @@ def test_openai_remote_urls_only_from_the_allow_list(oai: openai.OpenAI, image_h
 
 
 def test_native_chat_takes_images(server: str) -> None:
-    body = {"model": LLAVA, "max_tokens": 3, "temperature": 0,
-            "messages": [{"role": "user", "content": "look", "images": [base64.b64encode(png()).decode()]}]}
+    body = {
+        "model": LLAVA,
+        "max_tokens": 3,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "look", "images": [base64.b64encode(png()).decode()]}],
+    }
     seen = httpx.post(f"{server}/chat", json=body, timeout=60).json()
-    plain = httpx.post(f"{server}/chat", json={**body, "messages": [{"role": "user", "content": "look"}]},
-                       timeout=60).json()
+    plain = httpx.post(
+        f"{server}/chat", json={**body, "messages": [{"role": "user", "content": "look"}]}, timeout=60
+    ).json()
     assert seen["done"] and seen["prompt_eval_count"] - plain["prompt_eval_count"] == TOKENS_PER_IMAGE
     with httpx.stream("POST", f"{server}/chat", json={**body, "stream": True}, timeout=60) as response:
         events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
@@ -271,8 +309,11 @@ def test_vision_model_runs_on_transformers_and_says_why(client: ollama.Client, s
     client.generate(LLAVA, prompt="hi", options=GREEDY)
     [entry] = [m for m in httpx.get(f"{server}/models").json()["models"] if m["model"].split(":")[0] == LLAVA]
     assert entry["backend"] == "transformers" and "vision model" in entry["backend_reason"]
-    llava_config = {"architectures": ["LlavaForConditionalGeneration"], "vision_config": {"hidden_size": 32},
-                    "text_config": {"hidden_size": 64}}
+    llava_config = {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "vision_config": {"hidden_size": 32},
+        "text_config": {"hidden_size": 64},
+    }
     choice = choose_backend("auto", device="cpu", config=llava_config, precision=Precision("fp32", "test"))
     assert choice.name == "transformers" and VISION_OBSTACLE in choice.reason
 
@@ -282,8 +323,10 @@ def test_text_only_model_says_it_cannot_see(client: ollama.Client, oai: openai.O
         client.chat(LLAMA, messages=[{"role": "user", "content": "hi", "images": [png()]}])
     assert caught.value.status_code == 400
     with pytest.raises(openai.BadRequestError, match="cannot see images"):
-        oai.chat.completions.create(model=LLAMA, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png())}}]}])
+        oai.chat.completions.create(
+            model=LLAMA,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png())}}]}],
+        )
 
 
 def _truncated() -> bytes:
@@ -308,15 +351,31 @@ def _tiff() -> bytes:
 )
 def test_bad_images_are_400s_naming_message_and_part(server: str, image: bytes, reason: str) -> None:
     encoded = base64.b64encode(image).decode()
-    ollama_body = {"model": LLAVA, "stream": False, "messages": [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-        {"role": "user", "content": "c", "images": [base64.b64encode(png()).decode(), encoded]}]}
+    ollama_body = {
+        "model": LLAVA,
+        "stream": False,
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c", "images": [base64.b64encode(png()).decode(), encoded]},
+        ],
+    }
     answer = httpx.post(f"{server}/api/chat", json=ollama_body, timeout=60)
     assert answer.status_code == 400, answer.text
     assert "messages[2].images[1]" in answer.json()["error"] and reason in answer.json()["error"]
 
-    openai_body = {"model": LLAVA, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": data_url(image)}}]}]}
+    openai_body = {
+        "model": LLAVA,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "x"},
+                    {"type": "image_url", "image_url": {"url": data_url(image)}},
+                ],
+            }
+        ],
+    }
     answer = httpx.post(f"{server}/v1/chat/completions", json=openai_body, timeout=60)
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
@@ -334,8 +393,10 @@ def test_malformed_image_fields_and_limits_are_400s(server: str) -> None:
     raw = post("/api/generate", {"prompt": "x", "raw": True, "images": [base64.b64encode(png()).decode()]})
     assert raw.status_code == 400
     for url in ["data:image/png,notbase64", "ftp://host/cat.png", "cat.png"]:
-        answer = post("/v1/chat/completions", {"messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+        answer = post(
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]},
+        )
         assert answer.status_code == 400 and answer.json()["error"]["type"] == "invalid_request_error", url
     unknown = post("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]})
     assert unknown.status_code == 400

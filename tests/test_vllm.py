@@ -127,7 +127,9 @@ def test_choice_states_what_vllm_cannot_run() -> None:
     chosen = choose_backend("auto", device="cpu", config=llama, precision=FP32)
     assert chosen.name == "vllm" and "LlamaForCausalLM" in chosen.reason
 
-    unknown = choose_backend("auto", device="cpu", config={**llama, "architectures": ["BioGptForCausalLM"]}, precision=FP32)
+    unknown = choose_backend(
+        "auto", device="cpu", config={**llama, "architectures": ["BioGptForCausalLM"]}, precision=FP32
+    )
     assert unknown.name == "transformers"
     assert unknown.reason == "architecture BioGptForCausalLM is not supported by vLLM: using transformers"
 
@@ -147,11 +149,15 @@ class TestBackendVllm:
     def test_chat_runs_on_vllm_with_true_counts(self, url: str) -> None:
         from transformers import AutoTokenizer
 
-        r = httpx.post(f"{url}/chat", json=chat_body(SMALL, "count my tokens", max_tokens=12, temperature=0), timeout=120)
+        r = httpx.post(
+            f"{url}/chat", json=chat_body(SMALL, "count my tokens", max_tokens=12, temperature=0), timeout=120
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         tokenizer = AutoTokenizer.from_pretrained(model_entry(url, SMALL)["local_path"])
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "count my tokens"}], add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "count my tokens"}], add_generation_prompt=True
+        )
         assert body["prompt_eval_count"] == len(prompt["input_ids"])
         assert body["done_reason"] == "length" and body["eval_count"] == 12
         entry = model_entry(url, SMALL)
@@ -176,8 +182,12 @@ class TestBackendVllm:
 
     def test_stop_sequence_ends_the_output_before_it(self, url: str) -> None:
         def generate(**options: object) -> dict:
-            body = {"model": SMALL, "prompt": "list the colors", "stream": False,
-                    "options": {"num_predict": 40, "temperature": 0, **options}}
+            body = {
+                "model": SMALL,
+                "prompt": "list the colors",
+                "stream": False,
+                "options": {"num_predict": 40, "temperature": 0, **options},
+            }
             return httpx.post(f"{url}/api/generate", json=body, timeout=120).json()
 
         full = generate()["response"]
@@ -187,8 +197,12 @@ class TestBackendVllm:
 
     def test_seed_reproduces_a_sampled_output(self, url: str) -> None:
         def sample(seed: int) -> str:
-            body = chat_body(SMALL, "surprise me", stream=False, options={"temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                                                                           "seed": seed, "num_predict": 24})
+            body = chat_body(
+                SMALL,
+                "surprise me",
+                stream=False,
+                options={"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": seed, "num_predict": 24},
+            )
             return httpx.post(f"{url}/api/chat", json=body, timeout=120).json()["message"]["content"]
 
         first = sample(7)
@@ -196,22 +210,41 @@ class TestBackendVllm:
         assert sample(8) != first
 
     def test_json_schema_output_matches_the_schema(self, url: str) -> None:
-        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
-                  "required": ["ok", "color"]}
-        ollama = httpx.post(f"{url}/api/chat", json=chat_body(SMALL, "answer in JSON", stream=False, format=schema,
-                                                                options={"num_predict": 40}), timeout=120).json()
+        schema = {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
+            "required": ["ok", "color"],
+        }
+        ollama = httpx.post(
+            f"{url}/api/chat",
+            json=chat_body(SMALL, "answer in JSON", stream=False, format=schema, options={"num_predict": 40}),
+            timeout=120,
+        ).json()
         jsonschema.validate(json.loads(ollama["message"]["content"]), schema)
-        openai = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-            **chat_body(SMALL, "answer in JSON"), "max_tokens": 40,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
-        }).json()
+        openai = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=120,
+            json={
+                **chat_body(SMALL, "answer in JSON"),
+                "max_tokens": 40,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+            },
+        ).json()
         jsonschema.validate(json.loads(openai["choices"][0]["message"]["content"]), schema)
         assert openai["choices"][0]["finish_reason"] == "stop" and openai["usage"]["completion_tokens"] > 0
 
     def test_client_disconnect_aborts_the_request_in_the_engine(self, url: str) -> None:
-        body = {"model": SMALL, "prompt": "go on forever", "max_tokens": CONTEXT - 64, "ignore_eos": True, "stream": True}
+        body = {
+            "model": SMALL,
+            "prompt": "go on forever",
+            "max_tokens": CONTEXT - 64,
+            "ignore_eos": True,
+            "stream": True,
+        }
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-            events = [json.loads(line.removeprefix("data: ")) for line, _ in zip(filter(None, r.iter_lines()), range(3))]
+            events = [
+                json.loads(line.removeprefix("data: ")) for line, _ in zip(filter(None, r.iter_lines()), range(3))
+            ]
             assert all(event["choices"][0]["finish_reason"] is None for event in events), events
             assert running_engine().get_num_unfinished_requests() == 1
         deadline = time.monotonic() + 2  # ~16k tokens to go: only an abort frees the engine this soon
@@ -222,8 +255,10 @@ class TestBackendVllm:
 
     def test_requests_beyond_batch_and_queue_limits_get_503(self, url: str) -> None:
         body = {"model": SMALL, "prompt": "go on", "max_tokens": CONTEXT - 64, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120), \
-                httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120):
+        with (
+            httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120),
+            httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120),
+        ):
             assert running_engine().get_num_unfinished_requests() == 2
             busy = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=120)
         assert busy.status_code == 503 and "MAX_BATCH_SIZE=2, MAX_QUEUE=0" in busy.json()["error"]["message"]
@@ -238,10 +273,13 @@ class TestBackendVllm:
         [embedder] = [e for e in httpx.get(f"{url}/status").json()["loaded_models"] if e["purpose"] == "embed"]
         # The reference computes in float32; a runner in bf16 (on CPUs with AVX512-BF16) differs by its rounding.
         tolerance = 1e-4 if embedder["quantization"] == "fp32" else 5e-3
-        for vector, expected in zip(vectors, reference_embeddings(model_entry(url, SMALL)["local_path"], texts), strict=True):
+        for vector, expected in zip(
+            vectors, reference_embeddings(model_entry(url, SMALL)["local_path"], texts), strict=True
+        ):
             assert vector == pytest.approx(expected, abs=tolerance)
-        openai = httpx.post(f"{url}/v1/embeddings", json={"model": SMALL, "input": texts, "encoding_format": "float"},
-                            timeout=120)
+        openai = httpx.post(
+            f"{url}/v1/embeddings", json={"model": SMALL, "input": texts, "encoding_format": "float"}, timeout=120
+        )
         assert openai.status_code == 200, openai.text
         assert openai.json()["usage"]["prompt_tokens"] == ollama.json()["prompt_eval_count"] > 0
         for d, vector in zip(openai.json()["data"], vectors, strict=True):
@@ -252,7 +290,9 @@ class TestBackendVllm:
         assert entries["generate"]["backend"] == "vllm" and entries["embed"]["backend"] == "transformers"
         assert "vLLM's generation engine cannot embed" in entries["embed"]["backend_reason"]
         assert status["memory_in_use_bytes"] == sum(e["memory_bytes"] for e in status["loaded_models"])
-        chat = httpx.post(f"{url}/api/chat", json=chat_body(SMALL, stream=False, options={"num_predict": 2}), timeout=120)
+        chat = httpx.post(
+            f"{url}/api/chat", json=chat_body(SMALL, stream=False, options={"num_predict": 2}), timeout=120
+        )
         assert chat.status_code == 200 and model_entry(url, SMALL)["backend"] == "vllm"
 
     def test_backend_vllm_refuses_a_model_vllm_cannot_run(self, url: str) -> None:
@@ -263,8 +303,11 @@ class TestBackendVllm:
 
     def test_keep_alive_zero_shuts_the_engine_down(self, url: str) -> None:
         assert engine_processes(), "the engine runs in processes of its own"
-        r = httpx.post(f"{url}/api/generate", json={"model": SMALL, "prompt": "bye", "keep_alive": 0, "stream": False,
-                                                     "options": {"num_predict": 2}}, timeout=120)
+        r = httpx.post(
+            f"{url}/api/generate",
+            json={"model": SMALL, "prompt": "bye", "keep_alive": 0, "stream": False, "options": {"num_predict": 2}},
+            timeout=120,
+        )
         assert r.status_code == 200
         assert model_entry(url, SMALL)["loaded"] is False
         assert engine_processes() == []
@@ -274,8 +317,13 @@ class TestBackendAuto:
     @pytest.fixture(scope="class")
     def url(self, vllm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         tmp = tmp_path_factory.mktemp("auto")
-        env = {**vllm_env, "BACKEND": "auto", "MAX_CACHE_MODELS": "1", "BENTOML_HOME": str(tmp / "bentoml"),
-               "TMPDIR": str(tmp)}
+        env = {
+            **vllm_env,
+            "BACKEND": "auto",
+            "MAX_CACHE_MODELS": "1",
+            "BENTOML_HOME": str(tmp / "bentoml"),
+            "TMPDIR": str(tmp),
+        }
         with running_server(env, tmp / "server.log") as url:
             yield url
 
@@ -296,7 +344,9 @@ class TestBackendAuto:
         assert len(r.json()["embeddings"][0]) == 128
         loaded = httpx.get(f"{url}/status").json()["loaded_models"]
         assert sorted((e["model"], e["purpose"], e["backend"]) for e in loaded) == [
-            (SMALL, "embed", "transformers"), (SMALL, "generate", "vllm")]
+            (SMALL, "embed", "transformers"),
+            (SMALL, "generate", "vllm"),
+        ]
         assert engine_processes()
 
     def test_auto_falls_back_with_a_reason_and_eviction_ends_the_engine(self, url: str) -> None:

@@ -33,8 +33,13 @@ def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen-style model: Hermes tool calls and <think> reasoning (tests/support/tool_models.py).
 
     Hidden size 128 (head size 32): vLLM's CPU attention has kernels for it."""
-    return build_tiny_llama(tmp_path_factory.mktemp("qwen"), chat_template=HERMES_TEMPLATE,
-                            extra_tokens=HERMES_TOKENS, hidden_size=128, seed=1)
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("qwen"),
+        chat_template=HERMES_TEMPLATE,
+        extra_tokens=HERMES_TOKENS,
+        hidden_size=128,
+        seed=1,
+    )
 
 
 @pytest.fixture

@@ -47,10 +47,23 @@ class PostgresServer:
             entry = pwd.getpwnam(self._user)
             os.chown(self._dir, entry.pw_uid, entry.pw_gid)
         self._run(_bin("initdb"), "-D", str(self._data), "-U", "test", "--auth=trust", "-E", "UTF8", "--no-sync")
-        options = (f"-h 127.0.0.1 -p {self.port} -k {self._dir} -c fsync=off -c synchronous_commit=off "
-                   "-c full_page_writes=off -c timezone=UTC -c max_connections=200")
-        self._run(_bin("pg_ctl"), "-D", str(self._data), "-l", str(self._dir / "server.log"), "-o", options,
-                  "-w", "-t", "60", "start")
+        options = (
+            f"-h 127.0.0.1 -p {self.port} -k {self._dir} -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c timezone=UTC -c max_connections=200"
+        )
+        self._run(
+            _bin("pg_ctl"),
+            "-D",
+            str(self._data),
+            "-l",
+            str(self._dir / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         return self
 
     def stop(self) -> None:

@@ -14,7 +14,14 @@ def in_process_env(root: Path, models: dict[str, Path], backend: str, **extra: s
     for repo_id, model_dir in models.items():
         install_into_hf_cache(model_dir, root / "hf" / "hub", repo_id)
     (root / "rpc").mkdir(exist_ok=True)
-    return {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, "DATA_DIR": str(root / "data"),
-            "BACKEND": backend, "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
-            "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "VLLM_RPC_BASE_PATH": str(root / "rpc"),
-            "VLLM_LOGGING_LEVEL": "WARNING", **extra}
+    return {
+        "HF_HOME": str(root / "hf"),
+        "HF_ENDPOINT": UNREACHABLE_HUB,
+        "DATA_DIR": str(root / "data"),
+        "BACKEND": backend,
+        "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+        "VLLM_RPC_BASE_PATH": str(root / "rpc"),
+        "VLLM_LOGGING_LEVEL": "WARNING",
+        **extra,
+    }

@@ -27,7 +27,10 @@ def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "service:AIServer", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
 
 

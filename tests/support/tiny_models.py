@@ -73,10 +73,10 @@ def _corpus(lines: int = 6000, seed: int = 0) -> Iterator[str]:
 # A Qwen2.5/Qwen3-style template: ChatML turns, Hermes tool calls in <tool_call> tags, <think>
 # reasoning with an enable_thinking switch. The markup is what the real templates teach.
 HERMES_TEMPLATE = (
-        "{%- if tools -%}"
+    "{%- if tools -%}"
     "{{- '<|im_start|>system\\n# Tools\\nYou may call functions. Signatures:\\n<tools>' -}}"
     "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
-    "{{- '\\n</tools>\\nReturn each call as <tool_call>\\n{\"name\": <name>, \"arguments\": <args>}\\n</tool_call>'"
+    '{{- \'\\n</tools>\\nReturn each call as <tool_call>\\n{"name": <name>, "arguments": <args>}\\n</tool_call>\''
     " + '<|im_end|>\\n' -}}"
     "{%- endif -%}"
     "{%- for message in messages -%}"
@@ -102,8 +102,14 @@ HERMES_TEMPLATE = (
     "{%- endif -%}"
 )
 HERMES_TOKENS = (
-    "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
-    "<think>", "</think>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
 )
 
 # A Llama-3.1-style JSON tool template: calls are a JSON object after <|python_tag|>, tool results
@@ -111,8 +117,8 @@ HERMES_TOKENS = (
 LLAMA31_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- if tools -%}"
-    "{{- '<|system|>\\nEnvironment: ipython\\nRespond with a JSON function call {\"name\": function name, "
-    "\"parameters\": dictionary of arguments}. Functions:' -}}"
+    '{{- \'<|system|>\\nEnvironment: ipython\\nRespond with a JSON function call {"name": function name, '
+    '"parameters": dictionary of arguments}. Functions:\' -}}'
     "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
     "{{- eos_token + '\\n' -}}"
     "{%- endif -%}"
@@ -132,8 +138,9 @@ LLAMA31_TEMPLATE = (
 LLAMA31_TOKENS = ("<|python_tag|>",)
 
 
-def build_tokenizer(dst: Path, chat_template: bool | str, fill_in_middle: bool = True,
-                    extra_tokens: tuple[str, ...] = ()) -> None:
+def build_tokenizer(
+    dst: Path, chat_template: bool | str, fill_in_middle: bool = True, extra_tokens: tuple[str, ...] = ()
+) -> None:
     """Train a byte-level BPE tokenizer (~2k tokens) and save it as a `PreTrainedTokenizerFast` in `dst`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -193,8 +200,16 @@ def _save_seeded(
 
 
 def build_tiny_llama(
-    dst: Path, *, seed: int = 0, chat_template: bool | str = True, hidden_size: int = 64, layers: int = 2,
-    context: int = 512, intermediate_size: int = 128, heads: int = 4, extra_tokens: tuple[str, ...] = (),
+    dst: Path,
+    *,
+    seed: int = 0,
+    chat_template: bool | str = True,
+    hidden_size: int = 64,
+    layers: int = 2,
+    context: int = 512,
+    intermediate_size: int = 128,
+    heads: int = 4,
+    extra_tokens: tuple[str, ...] = (),
     dtype: str | None = None,
 ) -> Path:
     """A random-weight `LlamaForCausalLM` with its own tokenizer in `dst`, saved in `dtype` (float32 when
@@ -285,20 +300,44 @@ def build_tiny_llava(dst: Path, *, seed: int = 0, image_size: int = 32, patch_si
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=patch_size, image_token=IMAGE_TOKEN,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=VISION_CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=patch_size,
+        image_token=IMAGE_TOKEN,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=VISION_CHAT_TEMPLATE,
     )
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=image_size, patch_size=patch_size, projection_dim=32)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
     text = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     processor.save_pretrained(dst)  # the tokenizer (with <image>), processor_config.json, chat_template.jinja
     _save_seeded(dst, config, LlavaForConditionalGeneration, seed)

@@ -18,10 +18,15 @@ WEATHER_SCHEMA = {
     "properties": {"city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]}, "metric": {"type": "boolean"}},
     "required": ["city", "metric"],
 }
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                             "parameters": WEATHER_SCHEMA}}
-TIME_SCHEMA = {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-               "required": ["zone"]}
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER_SCHEMA},
+}
+TIME_SCHEMA = {
+    "type": "object",
+    "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+    "required": ["zone"],
+}
 CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time", "parameters": TIME_SCHEMA}}
 SCHEMAS = {"get_weather": WEATHER_SCHEMA, "get_time": TIME_SCHEMA}
 # Tokens for one forced call: it ends when the grammar completes, so room to spare costs nothing,
