@@ -23,7 +23,7 @@ from api.streaming import SSE_MEDIA_TYPE, started_stream, stream_generation
 from errors import ServerError
 from runners import structured
 from runners.base import GenerationRequest, OutputDelta, ResponseFormat, SamplingOptions
-from runners.generation import Completion, Generation, start_generation
+from runners.generation import Completion, Generation, GenerationStats, start_generation
 from runtime import Runtime
 
 router = APIRouter(prefix="/v1", tags=["anthropic"])
@@ -77,7 +77,7 @@ async def messages(body: MessagesRequest, runtime: Runtime = Depends(get_runtime
         {
             **_message_head(message_id, generation.model),
             "content": _content_blocks(done),
-            "stop_reason": _stop_reason(done.stats.finish_reason, bool(done.tool_calls)),
+            **_stop_fields(done.stats, bool(done.tool_calls)),
             "usage": {"input_tokens": done.stats.prompt_tokens, "output_tokens": done.stats.completion_tokens},
         }
     )
@@ -95,13 +95,17 @@ def _message_head(message_id: str, model: str) -> dict[str, Any]:
     }
 
 
-def _stop_reason(finish: str, called: bool) -> str:
-    """`max_tokens` when the budget ran out (a call cut short is no call), `tool_use` when the model
-    called a tool, else `end_turn`. A stop sequence also ends as `end_turn`: the engines do not
-    say which stop (a sequence or the end-of-sequence token) ended the output."""
-    if finish == "length":
-        return "max_tokens"
-    return "tool_use" if called else "end_turn"
+def _stop_fields(stats: GenerationStats, called: bool) -> dict[str, str | None]:
+    """`stop_reason` and `stop_sequence`: `max_tokens` when the budget ran out (a call cut short is
+    no call), `tool_use` when the model called a tool, `stop_sequence` (with the sequence) when one
+    of the client's `stop_sequences` ended it, else `end_turn`."""
+    if stats.finish_reason == "length":
+        return {"stop_reason": "max_tokens", "stop_sequence": None}
+    if called:
+        return {"stop_reason": "tool_use", "stop_sequence": None}
+    if stats.stop_sequence is not None:
+        return {"stop_reason": "stop_sequence", "stop_sequence": stats.stop_sequence}
+    return {"stop_reason": "end_turn", "stop_sequence": None}
 
 
 def _content_blocks(done: Completion) -> list[dict[str, Any]]:
@@ -206,6 +210,6 @@ async def _events(generation: Generation, pieces: AsyncIterator[OutputDelta], me
         yield _event("ping", {})
     stats = generation.stats
     assert stats is not None
-    delta = {"stop_reason": _stop_reason(stats.finish_reason, called), "stop_sequence": None}
+    delta = _stop_fields(stats, called)
     yield _event("message_delta", {"delta": delta, "usage": {"output_tokens": stats.completion_tokens}})
     yield _event("message_stop", {})

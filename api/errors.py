@@ -82,7 +82,10 @@ def error_response(
     retry_after: float | None = None,
 ) -> JSONResponse:
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after else None
-    body = error_body(dialect_of(request.url.path), status, message, error_type, param)
+    dialect = dialect_of(request.url.path)
+    body = error_body(dialect, status, message, error_type, param)
+    if dialect == "anthropic" and status == 503:
+        status = 529  # Anthropic's "overloaded" status, which its SDKs retry with backoff
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -110,6 +110,7 @@ class Chunk:
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     token_ids: list[int] = field(default_factory=list)  # the tokens this chunk's text came from
+    stop_sequence: str | None = None  # on the last chunk: the client's stop sequence that ended it
 
 
 @dataclass

@@ -102,7 +102,11 @@ class Sequence:
         # EOS: text held back as a possible stop sequence is output after all.
         tail = self._stops.flush() if text is None else text
         self._send(
-            tail, finish_reason=reason, prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated)
+            tail,
+            finish_reason=reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.generated),
+            stop_sequence=self._stops.matched if reason == "stop" else None,
         )
         return True
 

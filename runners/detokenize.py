@@ -40,15 +40,17 @@ class StopMatcher:
     def __init__(self, stops: list[str]) -> None:
         self._stops = [s for s in stops if s]
         self._pending = ""
+        self.matched: str | None = None  # the stop sequence that ended the stream, once one has
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop sequence was hit)."""
         if not self._stops:
             return delta, False
         self._pending += delta
-        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            text, self._pending = self._pending[: min(hits)], ""
+        if any(s in self._pending for s in self._stops):
+            # The earliest match wins; Anthropic's and vLLM's APIs report which sequence it was.
+            at, self.matched = min((i, s) for s in self._stops if (i := self._pending.find(s)) >= 0)
+            text, self._pending = self._pending[:at], ""
             return text, True
         hold = max((self._partial_match(s) for s in self._stops), default=0)
         cut = len(self._pending) - hold

@@ -32,6 +32,7 @@ class GenerationStats:
     prompt_eval_duration_ns: int  # until the first token
     eval_duration_ns: int  # first token to the end
     total_duration_ns: int
+    stop_sequence: str | None = None  # the client's stop sequence that ended the output, if one did
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Generation:
                         prompt_eval_duration_ns=(first_token_ns or now) - generate_started,
                         eval_duration_ns=now - (first_token_ns or now),
                         total_duration_ns=now - self._started_ns,
+                        stop_sequence=chunk.stop_sequence,
                     )
                     metrics.record_generation(self._lease.entry.name, self.stats)
                 yield self.parser.feed(chunk)

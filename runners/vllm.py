@@ -120,6 +120,8 @@ class VllmRunner(Runner):
                         completion_tokens=completion_tokens,
                         logprobs=logprobs,
                         token_ids=token_ids,
+                        # vLLM's stop_reason: the matched stop string, a stop token id, or None.
+                        stop_sequence=out.stop_reason if isinstance(out.stop_reason, str) else None,
                     )
                     return
         except VLLMClientError as exc:  # the request itself is wrong (a parameter out of range, a bad schema)

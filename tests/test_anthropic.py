@@ -79,7 +79,7 @@ def test_stream_text_and_events_in_anthropics_order(client) -> None:
     events = [block.split("\n") for block in raw.strip().split("\n\n")]
     names = [lines[0].removeprefix("event: ") for lines in events]
     payloads = [json.loads(lines[1].removeprefix("data: ")) for lines in events]
-    assert all(p["type"] == name for p, name in zip(payloads, names))
+    assert all(p["type"] == name for p, name in zip(payloads, names, strict=True))
     assert names[:3] == ["message_start", "content_block_start", "ping"]
     assert set(names[3:-3]) == {"content_block_delta"}
     assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
@@ -89,6 +89,28 @@ def test_stream_text_and_events_in_anthropics_order(client) -> None:
     assert "".join(p["delta"]["text"] for p in payloads[3:-3]) == text  # greedy: the same text
     assert payloads[-2]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
     assert payloads[-2]["usage"] == {"output_tokens": 8}
+
+
+def assert_stop_sequence_reported(api, model: str) -> None:
+    """A stop sequence taken from the greedy answer itself ends the answer just before it, and
+    Anthropic's `stop_reason`/`stop_sequence` say which one (JSON and stream)."""
+    kwargs = {"model": model, "max_tokens": 12, "messages": [{"role": "user", "content": "Hi"}], "extra_body": GREEDY}
+    full = api.messages.create(**kwargs).content[0].text
+    stop = full[len(full) // 2 :][:2]
+    assert stop.strip(), f"no usable stop sequence in {full!r}"
+    expected = full[: full.find(stop)]
+    stops = ["never-in-a-tiny-model's-output", stop]
+    message = api.messages.create(**kwargs, stop_sequences=stops)
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", stop)
+    assert "".join(b.text for b in message.content) == expected
+    with api.messages.stream(**kwargs, stop_sequences=stops) as stream:
+        assert "".join(stream.text_stream) == expected
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
+
+
+def test_stop_sequences_are_reported(client) -> None:
+    assert_stop_sequence_reported(sdk(client), TINY_LLAMA)
 
 
 def test_forced_tool_use_json_and_stream(client) -> None:
@@ -306,3 +328,4 @@ class TestOnVllm:
             assert block.type == "tool_use"
             assert_valid_call(block.name, block.input)
         assert httpx.get(f"{url}/models").json()["models"][0]["backend"] == "vllm"
+        assert_stop_sequence_reported(api, QWEN)

@@ -136,11 +136,16 @@ def test_a_full_queue_answers_503_with_retry_after(start) -> None:
             native_busy = post(
                 "/chat", json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
             )
+            anthropic_busy = post(
+                "/v1/messages", json={"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+            )
             assert running(url) == 1
         assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
         assert "MAX_QUEUE" in busy.json()["error"]["message"]
         assert ollama_busy.status_code == 503 and "server busy" in ollama_busy.json()["error"]
         assert native_busy.status_code == 503  # a stream that cannot start fails before its first byte
+        # Anthropic's status for "overloaded", which its SDKs retry.
+        assert anthropic_busy.status_code == 529 and anthropic_busy.json()["error"]["type"] == "overloaded_error"
         wait_for_empty_batch(url)  # the held stream's client left: its slot frees
         assert (
             httpx.post(
