@@ -16,22 +16,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import metrics
-from runners.base import FinishReason, GenerationRequest, OutputDelta, PreparedPrompt, TokenLogprob, ToolCall
+from runners.base import GenerationRequest, OutputDelta, PreparedPrompt, TokenLogprob, ToolCall
 from runners.images import decode_request_images, has_images
 from runners.output_parsing import OutputParser, merge_tool_calls
 from runners.pool import DEFAULT, KeepAlive, Lease, ModelPool
 from runners.prepare import prepare_prompt
+from runners.records import GenerationStats
 
-
-@dataclass
-class GenerationStats:
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    load_duration_ns: int
-    prompt_eval_duration_ns: int  # until the first token
-    eval_duration_ns: int  # first token to the end
-    total_duration_ns: int
+__all__ = ["Completion", "Generation", "GenerationGroup", "GenerationStats", "start_generation", "start_generations"]
 
 
 @dataclass
