@@ -55,10 +55,6 @@ class Generation:
         self.stats: GenerationStats | None = None
 
     @property
-    def runner(self):
-        return self._lease.runner
-
-    @property
     def named_tool(self) -> str | None:
         """The function a named tool_choice forced, if any."""
         return self.parser.named_tool

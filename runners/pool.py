@@ -124,6 +124,10 @@ class Lease:
         self.load_duration_ns = load_duration_ns  # this request's wait for a load; 0 if it was loaded
         self._released = False
 
+    def snapshot(self) -> ModelSnapshot:
+        """The leased model as readers see it (no runner attributes)."""
+        return self.entry.snapshot()
+
     async def release(self) -> None:
         if not self._released:
             self._released = True

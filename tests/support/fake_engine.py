@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from runners.backend import BackendChoice
 from runners.base import Chunk, PreparedPrompt, Runner
@@ -63,7 +64,7 @@ class FakeLoader:
     holds every load until it is set (to make requests arrive while a load runs)."""
 
     models: dict[str, int]
-    backend: str = "transformers"
+    backend: Literal["vllm", "transformers"] = "transformers"  # vllm: the pool embeds beside it
     broken: set[str] = field(default_factory=set)
     gate: threading.Event | None = None
     device: str = "cpu"

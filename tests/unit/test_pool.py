@@ -19,7 +19,7 @@ A, B, C = "org/a", "org/b", "org/c"
 
 def make_pool(loader: FakeLoader, **settings: object) -> ModelPool:
     defaults: dict[str, object] = {"max_cache_models": 2, "keep_alive": 300.0, "model_load_cooldown": 300.0}
-    return ModelPool(Settings(**{**defaults, **settings}), loader=loader)
+    return ModelPool(Settings.model_validate({**defaults, **settings}), loader=loader)
 
 
 async def use(pool: ModelPool, name: str, **kwargs: object) -> None:
@@ -109,7 +109,7 @@ async def test_a_failed_load_is_not_retried_until_the_cooldown_passes() -> None:
         await use(pool, A)
     with pytest.raises(ModelCoolingDown, match="MODEL_LOAD_COOLDOWN") as cooling:
         await use(pool, A)
-    assert 299 <= cooling.value.retry_after <= 300
+    assert cooling.value.retry_after is not None and 299 <= cooling.value.retry_after <= 300
     assert loader.loads == [A]  # refused without trying again
     assert set(pool.failed_loads()) == {A}
     pool.forget_failure(A)  # a fresh pull may have fixed it
