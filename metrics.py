@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from runners.generation import GenerationStats
-    from runners.pool import ModelPool
+if TYPE_CHECKING:  # records only: metrics depends on no part of the runtime that records to it
+    from runners.records import GenerationStats, ModelSnapshot
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -104,17 +103,16 @@ def record_load(model: str, backend: str, seconds: float) -> None:
     _series().load_time.labels(model, backend).observe(seconds)
 
 
-def sample_pool(pool: ModelPool, previous: set[str]) -> set[str]:
-    """Refresh the gauges from the pool (the server calls this every second); returns the models
-    sampled, so a model unloaded since the last sample is set back to zero."""
+def sample_pool(loaded: list[ModelSnapshot], previous: set[str]) -> set[str]:
+    """Refresh the gauges from the pool's snapshot (the server takes one every second); returns the
+    models sampled, so a model unloaded since the last sample is set back to zero."""
     series = _series()
-    loaded = pool.loaded()
     series.loaded.set(len(loaded))
     running: dict[str, int] = {}
     waiting: dict[str, int] = {}
-    for entry in loaded:  # a model's embedding runner counts under the model's name
-        running[entry.name] = running.get(entry.name, 0) + entry.runner.batch_size()
-        waiting[entry.name] = waiting.get(entry.name, 0) + entry.runner.queue_depth()
+    for model in loaded:  # a model's embedding runner counts under the model's name
+        running[model.name] = running.get(model.name, 0) + model.running
+        waiting[model.name] = waiting.get(model.name, 0) + model.waiting
     names = set(running)
     for name in names:
         series.running.labels(name).set(running[name])

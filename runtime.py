@@ -56,7 +56,7 @@ class Runtime:
         """Batch sizes and queue depths change every step: sampled here, not in the decode loop."""
         sampled: set[str] = set()
         while True:
-            sampled = metrics.sample_pool(self.pool, sampled)
+            sampled = metrics.sample_pool(self.pool.snapshot(), sampled)
             await asyncio.sleep(_GAUGE_INTERVAL_SECONDS)
 
 

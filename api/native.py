@@ -90,19 +90,18 @@ async def _sse_events(
 async def models(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     listed = []
     for local in await asyncio.to_thread(list_local):
-        entry = runtime.pool.get_loaded(local.ref.name)
-        runner = entry.runner if entry else None
+        entry = runtime.pool.snapshot_of(local.ref.name)
         listed.append(
             {
                 "model": local.ref.name,
                 "loaded": entry is not None,
-                "backend": entry.backend.name if entry else None,
-                "backend_reason": entry.backend.reason if entry else None,
+                "backend": entry.backend if entry else None,
+                "backend_reason": entry.backend_reason if entry else None,
                 "size_bytes": local.size_bytes,
                 "local_path": str(local.path),
                 "load_duration": entry.load_duration_ns if entry else None,
-                "quantization": runner.precision.mode if runner else None,
-                "quantization_reason": runner.precision.reason if runner else None,
+                "quantization": entry.precision if entry else None,
+                "quantization_reason": entry.precision_reason if entry else None,
                 "memory_bytes": entry.memory_bytes if entry else None,
             }
         )

@@ -37,7 +37,8 @@ from runners.local_cache import LocalModel, copy_model, delete_model, find_local
 from runners.model_info import ModelInfo, describe
 from runners.names import parse_model_name
 from runners.output_parsing import choose_parsers, merge_tool_calls
-from runners.pool import KeepAlive, LoadedModel, Purpose
+from runners.pool import KeepAlive
+from runners.records import ModelSnapshot, Purpose
 from runtime import Runtime
 
 router = APIRouter(tags=["ollama"], route_class=StrictJSONRoute)
@@ -357,11 +358,11 @@ def _model_info(info: ModelInfo, local: LocalModel) -> dict[str, Any]:
 
 @router.get("/api/ps")
 async def running(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
-    return {"models": [_running_entry(entry) for entry in runtime.pool.loaded()], "replica": runtime.jobs.owner}
+    return {"models": [_running_entry(entry) for entry in runtime.pool.snapshot()], "replica": runtime.jobs.owner}
 
 
-def _running_entry(entry: LoadedModel) -> dict[str, Any]:
-    local = entry.runner.model
+def _running_entry(entry: ModelSnapshot) -> dict[str, Any]:
+    local = entry.local
     if entry.expires_at is not None:
         expires = datetime.fromtimestamp(entry.expires_at, timezone.utc)
     elif entry.keep_alive is None:
@@ -370,12 +371,12 @@ def _running_entry(entry: LoadedModel) -> dict[str, Any]:
         expires = datetime.fromtimestamp(entry.last_used + entry.keep_alive, timezone.utc)
     info = describe(local)
     entry_json = _model_entry(local)
-    entry_json["details"]["quantization_level"] = entry.runner.precision.mode.upper()  # as loaded
+    entry_json["details"]["quantization_level"] = entry.precision.upper()  # as loaded
     return {
         **entry_json,
         "size": entry.memory_bytes,
         "expires_at": iso_utc(expires),
-        "size_vram": entry.memory_bytes if entry.runner.device == "cuda" else 0,
+        "size_vram": entry.memory_bytes if entry.device == "cuda" else 0,
         "context_length": info.context_length,
     }
 

@@ -23,6 +23,7 @@ def _installed(module: str) -> bool:
 @router.get("/status")
 async def status(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     pool = runtime.pool
+    loaded = pool.snapshot()
     return {
         "replica": runtime.jobs.owner,  # host/pid/id: which replica answered
         "vllm_available": vllm_available(),
@@ -30,26 +31,26 @@ async def status(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
         "bitsandbytes_available": bitsandbytes_available(),
         "hf_hub_available": _installed("huggingface_hub"),
         "device": pool.device,
-        "cache_size": len(pool.loaded()),
+        "cache_size": len(loaded),
         "max_cache": runtime.settings.max_cache_models,
-        "cached_models": [e.name for e in pool.loaded()],
+        "cached_models": [e.name for e in loaded],
         "loaded_models": [
             {
                 "model": e.name,
                 "purpose": e.purpose,  # "embed": the transformers runner embedding for a model generating on vLLM
-                "backend": e.backend.name,
-                "backend_reason": e.backend.reason,
-                "quantization": e.runner.precision.mode,
+                "backend": e.backend,
+                "backend_reason": e.backend_reason,
+                "quantization": e.precision,
                 "tool_call_parser": e.parsers.tool_parser,
                 "reasoning_parser": e.parsers.reasoning_parser,
                 "parsers_reason": e.parsers.reason,
                 "memory_bytes": e.memory_bytes,
-                "active_requests": e.active,
-                "running_requests": e.runner.batch_size(),  # decoding in the current batch
-                "waiting_requests": e.runner.queue_depth(),  # queued for a batch slot
+                "active_requests": e.leases,
+                "running_requests": e.running,  # decoding in the current batch
+                "waiting_requests": e.waiting,  # queued for a batch slot
                 "expires_at": e.expires_at,
             }
-            for e in pool.loaded()
+            for e in loaded
         ],
         "memory_in_use_bytes": pool.memory_in_use(),
         "failed_loads": pool.failed_loads(),
@@ -76,7 +77,7 @@ async def health(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     return {
         "status": "healthy" if backends else "degraded",
         "uptime_seconds": round(time.time() - runtime.started_at, 1),
-        "models_cached": len(runtime.pool.loaded()),
+        "models_cached": len(runtime.pool.snapshot()),
         "cache_limit": runtime.settings.max_cache_models,
         "downloads_active": runtime.jobs.downloads_active,
         "downloads_queued": runtime.jobs.downloads_queued,

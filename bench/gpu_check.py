@@ -95,7 +95,7 @@ def build_model(root: Path, hidden: int, layers: int, vocab: int, device: str) -
 
 
 def load(local: LocalModel, precision: Precision, device: str, max_batch: int) -> TransformersRunner:
-    return TransformersRunner.load(local, precision, device, False, max_batch_size=max_batch, max_queue=max_batch)
+    return TransformersRunner.load(local, precision, device, False, max_batch_size=max_batch)
 
 
 def synchronize(device: str) -> None:

@@ -296,7 +296,7 @@ class Puller:
                 error=f"the download succeeded, but loading the model failed: {reason}",
             )
             return
-        mode = lease.runner.precision.mode
+        mode = lease.snapshot().precision
         await lease.release()
         await self._finish(job, "succeeded", loaded=True, quantization=mode)
 

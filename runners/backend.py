@@ -124,6 +124,5 @@ def load_runner(
         device,
         trust_remote_code,
         max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
         gpus=settings.tensor_parallel_size,
     )

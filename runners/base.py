@@ -180,9 +180,9 @@ class Runner(ABC):
         """Stream the completion of a prepared prompt; closing the iterator early cancels it."""
 
     @abstractmethod
-    async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
-        """One L2-normalized vector per text, and the number of tokens the texts made up. A text
-        longer than the context is cut to fit when `truncate`, else refused (400)."""
+    async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """One L2-normalized vector per input, from its token ids (prepared by runners/prepare.py,
+        which fits them to the context)."""
 
     @abstractmethod
     def batch_size(self) -> int:

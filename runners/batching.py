@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from errors import ModelLoadFailed, ServerBusy
+from errors import ModelLoadFailed
 from runners.base import Chunk, FinishReason, PreparedPrompt, TokenLogprob
 from runners.detokenize import IncrementalDecoder, StopMatcher
 from runners.sampling import make_generator, next_token
@@ -231,11 +231,10 @@ def _device_of(cache: Any) -> torch.device:
 class BatchScheduler:
     """The decode loop of one model: admits waiting sequences, steps the running ones together."""
 
-    def __init__(self, model: Any, name: str, max_batch_size: int, max_queue: int) -> None:
+    def __init__(self, model: Any, name: str, max_batch_size: int) -> None:
         self._model = model
         self._name = name
         self._max_batch_size = max_batch_size
-        self._max_queue = max_queue
         self._waiting: deque[Sequence] = deque()
         self._admitting: list[Sequence] = []  # taken from the queue, not yet in a batch
         self._batches: list[KVBatch] = []
@@ -257,17 +256,10 @@ class BatchScheduler:
         return len(self._admitting) + sum(len(b.rows) for b in self._batches)
 
     def submit(self, sequence: Sequence) -> None:
-        """Queue a sequence; ServerBusy (503) when MAX_BATCH_SIZE run and MAX_QUEUE already wait."""
+        """Queue a sequence (the pool's lease has admitted it: the queue is bounded there)."""
         with self._wake:
             if self._closed:
                 raise ModelLoadFailed(f"model '{self._name}' is being unloaded")
-            if len(self._waiting) + self.batch_size() >= self._max_batch_size + self._max_queue:
-                raise ServerBusy(
-                    f"server busy: model '{self._name}' is running {self.batch_size()} requests with "
-                    f"{len(self._waiting)} waiting (MAX_BATCH_SIZE={self._max_batch_size}, "
-                    f"MAX_QUEUE={self._max_queue}); try again shortly",
-                    retry_after=1,
-                )
             self._waiting.append(sequence)
             self._wake.notify()
 

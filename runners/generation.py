@@ -16,23 +16,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import metrics
-from runners.base import FinishReason, GenerationRequest, OutputDelta, PreparedPrompt, TokenLogprob, ToolCall
+from runners.base import GenerationRequest, OutputDelta, PreparedPrompt, TokenLogprob, ToolCall
 from runners.images import decode_request_images, has_images
 from runners.output_parsing import OutputParser, merge_tool_calls
 from runners.pool import DEFAULT, KeepAlive, Lease, ModelPool
 from runners.prepare import prepare_prompt
+from runners.records import GenerationStats
 
-
-@dataclass
-class GenerationStats:
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    load_duration_ns: int
-    prompt_eval_duration_ns: int  # until the first token
-    eval_duration_ns: int  # first token to the end
-    total_duration_ns: int
-    stop_sequence: str | None = None  # the client's stop sequence that ended the output, if one did
+__all__ = ["Completion", "Generation", "GenerationGroup", "GenerationStats", "start_generation", "start_generations"]
 
 
 @dataclass
@@ -62,10 +53,6 @@ class Generation:
         self._lease = lease
         self._started_ns = started_ns
         self.stats: GenerationStats | None = None
-
-    @property
-    def runner(self):
-        return self._lease.runner
 
     @property
     def named_tool(self) -> str | None:

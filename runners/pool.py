@@ -6,7 +6,14 @@ within MAX_CACHE_MODELS and MODEL_MEMORY_BUDGET_BYTES, unload idle models when t
 passes, and refuse to retry a failed load until MODEL_LOAD_COOLDOWN has passed.
 
 Requests hold a lease while they run; a model evicted mid-request is unloaded when its last lease
-is released, so no running generation loses its model.
+is released, so no running generation loses its model. The lease is also where every request is
+admitted, whichever engine runs it and whether it generates or embeds: a model holds at most
+MAX_BATCH_SIZE + MAX_QUEUE leases, and a request beyond that gets ServerBusy (503, Retry-After),
+as Ollama's scheduler refuses with ErrMaxQueue. The engines have no admission of their own.
+
+Readers (the API, metrics) get `snapshot()`: frozen records of the loaded models, never the
+runners. The mechanics of a load (finding the snapshot, the precision and engine, the runner) are
+a `ModelLoader`'s (runners/loader.py), so the policy here can be tested with a fake one.
 
 Embeddings work on every model: a model whose generation runs on vLLM (whose generation engine
 cannot embed) gets a second entry, a transformers runner of the same weights loaded for embeddings
@@ -18,29 +25,24 @@ another model, and alternating chat and embeddings (retrieval) must not evict on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final
 
 import metrics
-from errors import ModelCoolingDown, ModelLoadFailed, ModelNotAllowed, ModelNotFound, ServerError
-from runners.backend import BackendChoice, choose_backend, load_runner
+from errors import ModelCoolingDown, ModelLoadFailed, ModelNotFound, ServerBusy, ServerError
+from runners.backend import BackendChoice
 from runners.base import Runner
-from runners.local_cache import LocalModel, find_local
-from runners.model_info import describe
+from runners.loader import EngineLoader, LoadPlan, ModelLoader
+from runners.local_cache import LocalModel
 from runners.names import ModelRef, parse_model_name
-from runners.output_parsing import ParserChoice, choose_parsers
-from runners.quantization import (
-    Precision,
-    QuantizeRequest,
-    bf16_cpu_feature,
-    bitsandbytes_available,
-    checkpoint_dtype,
-    decide_precision,
-)
+from runners.output_parsing import ParserChoice
+from runners.quantization import QuantizeRequest
+from runners.records import ModelSnapshot, Purpose
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,11 +55,7 @@ class _Default:
 
 DEFAULT: Final = _Default()
 KeepAlive = float | None | _Default  # seconds; None = forever; DEFAULT = the KEEP_ALIVE setting
-# "embed": a transformers runner that embeds for a model whose generation runner cannot.
-Purpose = Literal["generate", "embed"]
-
-_CHECKPOINT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-_TARGET_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "nf4": 0.5}
+__all__ = ["DEFAULT", "KeepAlive", "Lease", "ModelPool", "Purpose"]
 
 
 @dataclass
@@ -82,6 +80,29 @@ class LoadedModel:
         """The pool's key: the model's name, or the embedding runner's key beside it."""
         return pool_key(self.name, self.purpose)
 
+    def snapshot(self) -> ModelSnapshot:
+        runner = self.runner
+        return ModelSnapshot(
+            name=self.name,
+            purpose=self.purpose,
+            local=runner.model,
+            backend=self.backend.name,
+            backend_reason=self.backend.reason,
+            precision=runner.precision.mode,
+            precision_reason=runner.precision.reason,
+            device=runner.device,
+            context_length=runner.context_length,
+            parsers=self.parsers,
+            memory_bytes=self.memory_bytes,
+            load_duration_ns=self.load_duration_ns,
+            leases=self.active,
+            running=runner.batch_size(),
+            waiting=runner.queue_depth(),
+            keep_alive=self.keep_alive,
+            last_used=self.last_used,
+            expires_at=self.expires_at,
+        )
+
 
 def pool_key(name: str, purpose: Purpose) -> str:
     return name if purpose == "generate" else f"{name}#embed"  # '#' is never part of a model name
@@ -103,25 +124,21 @@ class Lease:
         self.load_duration_ns = load_duration_ns  # this request's wait for a load; 0 if it was loaded
         self._released = False
 
+    def snapshot(self) -> ModelSnapshot:
+        """The leased model as readers see it (no runner attributes)."""
+        return self.entry.snapshot()
+
     async def release(self) -> None:
         if not self._released:
             self._released = True
             await self._pool._release(self.entry)
 
 
-def resolve_device(setting: str) -> str:
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if setting == "cuda" and not cuda:
-        raise RuntimeError("DEVICE=cuda, but CUDA is not available to torch")
-    return "cuda" if setting == "cuda" or (setting == "auto" and cuda) else "cpu"
-
-
 class ModelPool:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, loader: ModelLoader | None = None) -> None:
         self.settings = settings
-        self.device = resolve_device(settings.device)
+        self.loader: ModelLoader = loader or EngineLoader(settings)
+        self.device = self.loader.device
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._failures: dict[str, LoadFailure] = {}
@@ -154,6 +171,7 @@ class ModelPool:
         entry = self._loaded_for(ref.name, purpose)
         while entry is None or entry.retired:  # retired: evicted by another load before we got it
             entry = await self._load_shared(ref, quantize, purpose)
+        self._admit(entry)
         load_ns = 0 if started > entry.loaded_at_ns else time.perf_counter_ns() - started
         self._loaded.move_to_end(entry.key)
         entry.active += 1
@@ -162,6 +180,19 @@ class ModelPool:
         if not isinstance(keep_alive, _Default):
             entry.keep_alive = keep_alive
         return Lease(self, entry, load_ns)
+
+    def _admit(self, entry: LoadedModel) -> None:
+        """Refuse (503) a request once MAX_BATCH_SIZE + MAX_QUEUE requests hold the model: running,
+        waiting for a batch slot, or being prepared, generations and embeddings together."""
+        batch, queue = self.settings.max_batch_size, self.settings.max_queue
+        if entry.active < batch + queue:
+            return
+        running = min(entry.active, batch)
+        raise ServerBusy(
+            f"server busy: model '{entry.name}' is running {running} requests with {entry.active - running} "
+            f"waiting (MAX_BATCH_SIZE={batch}, MAX_QUEUE={queue}); try again shortly",
+            retry_after=1,
+        )
 
     async def unload(self, name: str) -> bool:
         """Unload a model (its embedding runner too) now, after its running requests finish.
@@ -179,11 +210,21 @@ class ModelPool:
             self._failures.pop(pool_key(model, purpose), None)
 
     # -- introspection ---------------------------------------------------------------------
+    def snapshot(self) -> list[ModelSnapshot]:
+        """Every loaded entry (embedding runners included), least recently used first."""
+        return [entry.snapshot() for entry in self._loaded.values()]
+
+    def snapshot_of(self, name: str) -> ModelSnapshot | None:
+        """The model's generation entry, if loaded."""
+        entry = self._loaded.get(parse_model_name(name).name)
+        return entry.snapshot() if entry else None
+
     def loaded(self) -> list[LoadedModel]:
+        """The pool's own entries, runners included: for the runtime's internals and tests, not readers."""
         return list(self._loaded.values())
 
     def get_loaded(self, name: str) -> LoadedModel | None:
-        """The model's generation runner, if loaded."""
+        """The model's generation entry, if loaded (internal, as `loaded`)."""
         return self._loaded.get(parse_model_name(name).name)
 
     def _loaded_for(self, name: str, purpose: Purpose) -> LoadedModel | None:
@@ -205,7 +246,7 @@ class ModelPool:
 
     # -- loading ---------------------------------------------------------------------------
     async def _load_shared(self, ref: ModelRef, quantize: QuantizeRequest, purpose: Purpose) -> LoadedModel:
-        local = await asyncio.to_thread(find_local, ref)  # reads the cache: off the event loop
+        local = await asyncio.to_thread(self.loader.find, ref)  # reads the cache: off the event loop
         if local is None:
             raise ModelNotFound(
                 f"model '{ref.name}' is not pulled; pull it first (POST /pull or /api/pull with "
@@ -213,8 +254,8 @@ class ModelPool:
                 param="model",
             )
         if purpose == "embed":
-            _, _, backend = await self._decide(local, quantize)
-            if _engine_embeds(backend):
+            plan = await asyncio.to_thread(self.loader.plan, local, quantize)
+            if _engine_embeds(plan.backend):
                 purpose = "generate"  # its generation runner embeds too: one load serves both
         key = pool_key(ref.name, purpose)
         self._check_cooldown(key)
@@ -241,49 +282,23 @@ class ModelPool:
             retry_after=left,
         )
 
-    async def _decide(self, local: LocalModel, quantize: QuantizeRequest) -> tuple[bool, Precision, BackendChoice]:
-        """Whether to trust the model's code, its precision, and the engine that generates with it."""
-        config = local.config()
-        trust = self._trust_remote_code(local, config)
-        import torch
-
-        precision = decide_precision(
-            quantize,
-            weight_bytes=local.weight_bytes,
-            threshold_bytes=self.settings.model_q4_threshold_bytes,
-            device=self.device,
-            config=config,
-            bnb_available=bitsandbytes_available(),
-            bf16_supported=self.device == "cuda" and torch.cuda.is_bf16_supported(),
-            cpu_bf16=bf16_cpu_feature() if self.device == "cpu" else None,
-        )
-        # In a thread: the first decision imports vLLM (seconds).
-        backend = await asyncio.to_thread(
-            choose_backend, self.settings.backend, device=self.device, config=config, precision=precision
-        )
-        return trust, precision, backend
-
     async def _load(self, name: str, local: LocalModel, quantize: QuantizeRequest, purpose: Purpose) -> LoadedModel:
         key = pool_key(name, purpose)
         async with self._load_lock:
             if key in self._loaded:  # loaded while this task waited for the lock
                 return self._loaded[key]
-            trust, precision, backend = await self._decide(local, quantize)
+            plan = await asyncio.to_thread(self.loader.plan, local, quantize)
             if purpose == "embed":
-                backend = BackendChoice(
-                    "transformers",
-                    f"embeddings: {backend.reason}, and vLLM's generation "
-                    "engine cannot embed: a transformers runner of the same weights embeds",
-                )
-            estimate = _estimate_bytes(local, precision.mode, local.config())
+                plan = _embedding_plan(plan)
+            backend = plan.backend
             await self._evict_lru(
-                lambda: self._model_count(name) > self.settings.max_cache_models or self._over_budget(estimate)
+                lambda: (
+                    self._model_count(name) > self.settings.max_cache_models or self._over_budget(plan.estimate_bytes)
+                )
             )
             started = time.perf_counter_ns()
             try:
-                runner = await asyncio.to_thread(
-                    load_runner, backend, local, precision, self.device, trust, self.settings
-                )
+                runner = await asyncio.to_thread(self.loader.load, local, plan)
             except ServerError:
                 raise
             except Exception as exc:
@@ -297,7 +312,7 @@ class ModelPool:
                 load_duration_ns=time.perf_counter_ns() - started,
                 memory_bytes=runner.memory_bytes(),
                 keep_alive=self.settings.keep_alive,
-                parsers=choose_parsers(local.ref.repo_id, describe(local), self.settings),
+                parsers=plan.parsers,
                 purpose=purpose,
             )
             log.info(
@@ -305,7 +320,7 @@ class ModelPool:
                 key,
                 backend.name,
                 self.device,
-                precision.mode,
+                plan.precision.mode,
                 entry.load_duration_ns / 1e9,
             )
             metrics.record_load(name, backend.name, entry.load_duration_ns / 1e9)
@@ -317,16 +332,6 @@ class ModelPool:
     def _model_count(self, adding: str) -> int:
         """Models loaded once `adding` is: a model's embedding runner is not another model."""
         return len({entry.name for entry in self._loaded.values()} | {adding})
-
-    def _trust_remote_code(self, local: LocalModel, config: dict) -> bool:
-        if not config.get("auto_map"):
-            return False
-        if local.ref.repo_id in self.settings.trust_remote_code_models:
-            return True
-        raise ModelNotAllowed(
-            f"model '{local.ref.repo_id}' needs trust_remote_code (it ships its own code); "
-            "add it to TRUST_REMOTE_CODE_MODELS to allow it"
-        )
 
     def _over_budget(self, extra: int) -> bool:
         budget = self.settings.model_memory_budget_bytes
@@ -369,19 +374,26 @@ class ModelPool:
     async def _reap_expired(self, interval: float = 0.5) -> None:
         while True:
             await asyncio.sleep(interval)
-            now = time.time()
-            for entry in [e for e in self._loaded.values() if e.active == 0 and e.expires_at and e.expires_at <= now]:
-                log.info("keep-alive of %s expired", entry.key)
-                try:
-                    await self._evict(entry.key)
-                except Exception:  # one failed unload must not stop every later expiry
-                    log.exception("unloading %s failed; it is no longer served", entry.key)
+            await self.expire_idle(time.time())
+
+    async def expire_idle(self, now: float) -> None:
+        """Unload every idle entry whose keep-alive has passed by `now` (epoch seconds)."""
+        for entry in [e for e in self._loaded.values() if e.active == 0 and e.expires_at and e.expires_at <= now]:
+            log.info("keep-alive of %s expired", entry.key)
+            try:
+                await self._evict(entry.key)
+            except Exception:  # one failed unload must not stop every later expiry
+                log.exception("unloading %s failed; it is no longer served", entry.key)
 
 
-def _estimate_bytes(local: LocalModel, mode: str, config: dict) -> int:
-    """Memory a load will take, from the checkpoint size and the target precision."""
-    params = local.weight_bytes / _CHECKPOINT_BYTES.get(checkpoint_dtype(config), 4)
-    return int(params * _TARGET_BYTES.get(mode, 0) or local.weight_bytes)
+def _embedding_plan(plan: LoadPlan) -> LoadPlan:
+    """The plan of a model's embedding runner: its weights and precision, on transformers."""
+    backend = BackendChoice(
+        "transformers",
+        f"embeddings: {plan.backend.reason}, and vLLM's generation "
+        "engine cannot embed: a transformers runner of the same weights embeds",
+    )
+    return dataclasses.replace(plan, backend=backend)
 
 
 def _engine_embeds(backend: BackendChoice) -> bool:

@@ -1,4 +1,5 @@
-"""Prompt preparation, once for every engine: render, tokenize, fit the context, budget the output.
+"""Prompt preparation, once for every engine: render, tokenize, fit the context, budget the output
+(and the token ids of texts to embed, fitted the same way).
 
 Like TGI's validation step: both engines decode from the `PreparedPrompt` this returns, so the
 template's errors, the context check and the token budget are the same whichever engine runs.
@@ -44,6 +45,28 @@ def prepare_prompt(
     return PreparedPrompt(
         request, text, ids, room if max_tokens is None else min(max_tokens, room), model_inputs=model_inputs
     )
+
+
+def prepare_embedding(tokenizer: Any, texts: list[str], context_length: int, *, truncate: bool) -> list[list[int]]:
+    """Token ids of each text to embed (with the tokenizer's special tokens, as the model was
+    trained), cut to the context when `truncate` (Ollama's default), else refused (400) if longer."""
+    return [_embedding_ids(tokenizer, text, context_length, truncate) for text in texts]
+
+
+def _embedding_ids(tokenizer: Any, text: str, context: int, truncate: bool) -> list[int]:
+    text = fit_prompt(tokenizer, text, context, truncate=truncate)  # a huge text is never tokenized whole
+    ids: list[int] = tokenizer(text, add_special_tokens=True)["input_ids"] or [_start_token(tokenizer)]
+    if truncate:
+        ids = ids[:context]
+    if len(ids) > context:
+        raise InvalidRequest(f"input is {len(ids)} tokens; the model's context is {context} tokens")
+    return ids
+
+
+def _start_token(tokenizer: Any) -> int:
+    """What an empty text starts from: BOS, else EOS (a token id of 0 is a real token)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return start if start is not None else 0
 
 
 def _check_can_see(tokenizer: Any, request: GenerationRequest, processor: Any) -> None:
@@ -123,10 +146,7 @@ def _tokenize_within(tokenizer: Any, text: str, context: int) -> list[int] | Non
     if len(text) > context * longest_token_chars(tokenizer):
         return None
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        ids = [start if start is not None else 0]
-    return ids
+    return ids or [_start_token(tokenizer)]
 
 
 def _fit_messages(

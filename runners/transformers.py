@@ -14,11 +14,9 @@ from typing import Any
 
 import torch
 
-from errors import InvalidRequest, ServerBusy
 from runners.base import Chunk, PreparedPrompt, Runner
 from runners.batching import BatchScheduler, Emit, Sequence
 from runners.collector import ChunkCollector
-from runners.limits import fit_prompt
 from runners.local_cache import LocalModel
 from runners.model_info import describe, is_vision_model
 from runners.quantization import Precision
@@ -39,7 +37,6 @@ class TransformersRunner(Runner):
         hf_model: Any,
         tokenizer: Any,
         max_batch_size: int,
-        max_queue: int,
         processor: Any = None,
     ) -> None:
         super().__init__(model, precision, device)
@@ -57,10 +54,9 @@ class TransformersRunner(Runner):
             eos_ids.add(tokenizer.eos_token_id)
         self._eos_ids = frozenset(eos_ids)
         self._grammars = GrammarCache(tokenizer, config.get_text_config().vocab_size, sorted(self._eos_ids))
-        self._scheduler = BatchScheduler(hf_model, model.ref.name, max_batch_size, max_queue)
-        self._max_batch_size, self._max_queue = max_batch_size, max_queue
+        self._scheduler = BatchScheduler(hf_model, model.ref.name, max_batch_size)
         # Embeddings: one batch of texts in the model at a time (more would only compete for the same
-        # cores or GPU, and slow the decode loop); the others wait, counted with the generations.
+        # cores or GPU, and slow the decode loop); the others wait, reported with the generations.
         self._embedding = asyncio.Lock()
         self._embeds_running = 0
         self._embeds_waiting = 0
@@ -74,7 +70,6 @@ class TransformersRunner(Runner):
         trust_remote_code: bool,
         *,
         max_batch_size: int,
-        max_queue: int,
         gpus: int = 1,
     ) -> TransformersRunner:
         """Load from the local snapshot folder only (blocking; never touches the network).
@@ -110,7 +105,7 @@ class TransformersRunner(Runner):
         if "device_map" not in kwargs:
             hf_model.to(device)
         hf_model.eval()
-        runner = cls(model, precision, device, hf_model, tokenizer, max_batch_size, max_queue, processor)
+        runner = cls(model, precision, device, hf_model, tokenizer, max_batch_size, processor)
         # Everything alive now (the model's modules, transformers' and torch's own objects) is long
         # lived: frozen, the cyclic collector stops re-scanning it, so the full collections the
         # decode loop's garbage triggers take milliseconds instead of stalling every stream.
@@ -120,9 +115,6 @@ class TransformersRunner(Runner):
 
     async def generate(self, prepared: PreparedPrompt) -> AsyncIterator[Chunk]:
         output = ChunkCollector()  # bounded: chunks a slow reader has not taken merge into one
-
-        if self._embeds_running or self._embeds_waiting:
-            self._admit()  # the scheduler counts only generations; with embeddings in flight, count all
         # Compiling a grammar happens here, so its errors reach this request only.
         sequence = await asyncio.to_thread(self._sequence, prepared, output.put)
         self._scheduler.submit(sequence)
@@ -146,33 +138,13 @@ class TransformersRunner(Runner):
     def batch_size(self) -> int:
         return self._scheduler.batch_size() + self._embeds_running
 
-    def _admit(self) -> None:
-        """Refuse (503) a request once MAX_BATCH_SIZE + MAX_QUEUE are running or waiting, generations
-        and embeddings together: the limit generation alone has in the scheduler."""
-        running, waiting = self.batch_size(), self.queue_depth()
-        if running + waiting >= self._max_batch_size + self._max_queue:
-            raise ServerBusy(
-                f"server busy: model '{self.model.ref.name}' is running {running} requests with {waiting} waiting "
-                f"(MAX_BATCH_SIZE={self._max_batch_size}, MAX_QUEUE={self._max_queue}); try again shortly",
-                retry_after=1,
-            )
+    @property
+    def hf_model(self) -> Any:
+        """The transformers model itself (read-only: for diagnostics and tests)."""
+        return self._hf_model
 
-    def _encode(self, text: str, *, special_tokens: bool, reserve: int, truncate: bool = False) -> list[int]:
-        """Token ids of one input, cut to fit (`truncate`) or refused (400) unless `reserve` more
-        tokens fit in the context."""
-        text = fit_prompt(self.tokenizer, text, self.context_length, truncate=truncate)
-        ids: list[int] = self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
-        if not ids:
-            ids = [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id or 0]
-        if truncate:
-            ids = ids[: self.context_length - reserve]
-        if len(ids) + reserve > self.context_length:
-            raise InvalidRequest(f"input is {len(ids)} tokens; the model's context is {self.context_length} tokens")
-        return ids
-
-    async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
-        """Admitted like a generation (503 beyond MAX_BATCH_SIZE + MAX_QUEUE); run one at a time."""
-        self._admit()
+    async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """One batch of inputs in the model at a time; the others wait (counted in queue_depth)."""
         self._embeds_waiting += 1
         try:
             await self._embedding.acquire()
@@ -180,19 +152,18 @@ class TransformersRunner(Runner):
             self._embeds_waiting -= 1
         self._embeds_running += 1
         try:
-            return await asyncio.to_thread(self._embed, texts, truncate)
+            return await asyncio.to_thread(self._embed, token_ids)
         finally:
             self._embeds_running -= 1
             self._embedding.release()
 
     @torch.inference_mode()
-    def _embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
+    def _embed(self, encoded: list[list[int]]) -> list[list[float]]:
         """Mean of the last hidden states over each text's tokens, L2-normalized, in batches.
 
         Right padding with an attention mask: in a causal model the pads come after every real
         token, so they change nothing the mean reads.
         """
-        encoded = [self._encode(text, special_tokens=True, reserve=0, truncate=truncate) for text in texts]
         vectors: list[list[float]] = []
         for start in range(0, len(encoded), _EMBED_BATCH):
             batch = encoded[start : start + _EMBED_BATCH]
@@ -203,7 +174,7 @@ class TransformersRunner(Runner):
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             mean = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
             vectors.extend(torch.nn.functional.normalize(mean, dim=-1).tolist())
-        return vectors, sum(len(ids) for ids in encoded)
+        return vectors
 
     def memory_bytes(self) -> int:
         return int(self._hf_model.get_memory_footprint())

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from errors import InvalidRequest, ServerBusy, ServerError
+from errors import InvalidRequest, ServerError
 from runners.base import Chunk, FinishReason, PreparedPrompt, ResponseFormat, Runner, TokenLogprob
 from runners.local_cache import LocalModel
 from runners.quantization import Precision
@@ -55,8 +55,8 @@ class VllmRunner(Runner):
         self.engine = engine
         self._processes = processes  # the engine core and its workers, children of this process
         self._memory = memory
-        self._max_batch_size, self._max_queue = settings.max_batch_size, settings.max_queue
-        self._requests = 0  # running and waiting in the engine
+        self._max_batch_size = settings.max_batch_size
+        self._requests = 0  # running and waiting in the engine (the pool's lease admitted them)
         self.tokenizer = engine.get_tokenizer()  # thread-safe: vLLM routes calls through a pool
         self.context_length = engine.model_config.max_model_len
 
@@ -88,12 +88,6 @@ class VllmRunner(Runner):
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import tokens_input
 
-        if self._requests >= self._max_batch_size + self._max_queue:  # the same limit as the transformers runner's
-            raise ServerBusy(
-                f"server busy: model '{self.model.ref.name}' has {self._requests} requests running or waiting "
-                f"(MAX_BATCH_SIZE={self._max_batch_size}, MAX_QUEUE={self._max_queue}); try again shortly",
-                retry_after=1,
-            )
         self._requests += 1
         request, ids = prepared.request, prepared.token_ids
         completion_tokens = 0
@@ -129,7 +123,7 @@ class VllmRunner(Runner):
         finally:
             self._requests -= 1
 
-    async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
+    async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
         # Never reached through the pool, which embeds with a transformers runner of the same weights.
         raise InvalidRequest(f"model '{self.model.ref.name}' runs on vLLM's generation engine, which cannot embed")
 

@@ -74,9 +74,7 @@ def check(model, device, modes):
     results = {}
     for mode in modes:
         started = time.perf_counter()
-        runner = TransformersRunner.load(
-            model, Precision(mode, "device check"), device, False, max_batch_size=8, max_queue=8
-        )
+        runner = TransformersRunner.load(model, Precision(mode, "device check"), device, False, max_batch_size=8)
         print(
             device,
             mode,

@@ -51,6 +51,18 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def scrape_sampled(client: httpx.Client, timeout: float = 30.0) -> dict[tuple[str, frozenset], float]:
+    """/metrics once the gauges (sampled every second) show the model loaded and idle: polled for,
+    not waited for by a fixed sleep."""
+    running = ("num_requests_running", frozenset({("model", MODEL)}))
+    deadline = time.monotonic() + timeout
+    samples = scrape(client)
+    while not (value(samples, "models_loaded") == 1 and samples.get(running) == 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        samples = scrape(client)
+    return samples
+
+
 def test_generation_request_and_model_metrics(server: httpx.Client) -> None:
     chats = [
         server.post(
@@ -85,9 +97,7 @@ def test_generation_request_and_model_metrics(server: httpx.Client) -> None:
     assert server.get("/jobs/not-a-job").status_code == 404
     assert server.get("/jobs/another-job", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert server.get("/no/such/path").status_code == 404
-    time.sleep(1.5)  # the gauges are sampled every second
-
-    samples = scrape(server)
+    samples = scrape_sampled(server)
     # Requests by route template and status: job ids and unknown paths are not label values.
     assert value(samples, "requests_total", endpoint="/chat", method="POST", status="200") == 2
     assert value(samples, "requests_total", endpoint="/chat", method="POST", status="404") == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import runners.pool
+import runners.loader
 from tests.conftest import chat_body, current_runtime
 
 A, B, C = "test-org/model-a", "test-org/model-b", "test-org/model-c"
@@ -40,7 +40,7 @@ def test_third_model_evicts_least_recently_used_and_frees_it(serve, three_models
     client = serve(MAX_CACHE_MODELS="2")
     for name in (A, B, A):  # B is now the least recently used
         assert chat(client, name).status_code == 200
-    b_weights = weakref.ref(current_runtime().pool.get_loaded(B).runner._hf_model)
+    b_weights = weakref.ref(current_runtime().pool.get_loaded(B).runner.hf_model)
     assert chat(client, C).status_code == 200
 
     status = client.get("/status").json()
@@ -73,13 +73,13 @@ def test_idle_model_unloads_when_keep_alive_passes(serve, three_models) -> None:
 
 def test_concurrent_requests_share_one_load(serve, three_models, monkeypatch: pytest.MonkeyPatch) -> None:
     loads: list[str] = []
-    real_load = runners.pool.load_runner
+    real_load = runners.loader.load_runner
 
     def counting_load(choice, model, *args):  # a spy: the real load still runs
         loads.append(model.ref.name)
         return real_load(choice, model, *args)
 
-    monkeypatch.setattr(runners.pool, "load_runner", counting_load)
+    monkeypatch.setattr(runners.loader, "load_runner", counting_load)
     client = serve()
     with ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(lambda _: chat(client, A), range(4)))
@@ -124,7 +124,7 @@ def test_q4_on_cpu_uses_bitsandbytes_4bit_layers(serve, three_models) -> None:
     assert q4["quantization"] == "nf4" and "MODEL_Q4_THRESHOLD_BYTES" in q4["quantization_reason"]
     assert fp32["quantization"] == "fp32"
     assert q4["memory_bytes"] < fp32["memory_bytes"]
-    model = current_runtime().pool.get_loaded(A).runner._hf_model
+    model = current_runtime().pool.get_loaded(A).runner.hf_model
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit and all(m.weight.quant_state.quant_type == "nf4" for m in four_bit)
 
