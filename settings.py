@@ -97,6 +97,9 @@ class Settings(BaseSettings):
         30 * 86400.0, description="seconds finished pull jobs are kept (duration, e.g. '720h'); None = forever"
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM model is split across")
+    # vLLM without compilation (torch.compile, and CUDA graphs on a GPU). Unset: the engine's
+    # default per device (runners/vllm.py says which and why).
+    enforce_eager: bool | None = Field(None, description="vLLM runs uncompiled; unset: the device's default")
     gpu_count: int | None = Field(
         None, ge=0, description="GPUs the service asks BentoCloud for (0: a CPU instance); default TENSOR_PARALLEL_SIZE"
     )
@@ -180,6 +183,7 @@ class Settings(BaseSettings):
             "pull_lease_seconds": self.pull_lease_seconds,
             "job_retention_seconds": self.job_retention,
             "tensor_parallel_size": self.tensor_parallel_size,
+            "enforce_eager": self.enforce_eager,
             "max_request_bytes": self.max_request_bytes,
             "max_image_bytes": self.max_image_bytes,
             "max_image_pixels": self.max_image_pixels,

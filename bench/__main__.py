@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.baselines import run_baseline, server_dtype
-from bench.loadgen import DIALECTS, run_round, server_ttft, single_stream_ttfts, summarize
+from bench.loadgen import DIALECTS, LoadResult, run_round, server_ttft, single_stream_ttfts, summarize
 from bench.plot import render
 from bench.report import markdown, targets, write_json
 from bench.vllm_server import vllm_own_server
@@ -87,14 +87,44 @@ def http_rows(
             rounds = [
                 asyncio.run(run_round(url, dialect, MODEL, PROMPT, args.max_tokens, level)) for _ in range(args.repeats)
             ]
-            rows.append(
-                {"backend": backend, "kind": kind, "dialect": dialect, "concurrency": level, **summarize(rounds)}
+            rows.append(_row(backend, kind, dialect, level, rounds))
+    return rows
+
+
+def _row(backend: str, kind: str, dialect: str, level: int, rounds: list[LoadResult], **extra: Any) -> dict[str, Any]:
+    row = {"backend": backend, "kind": kind, "dialect": dialect, "concurrency": level, **summarize(rounds), **extra}
+    print(
+        f"  {backend} {kind} {dialect} x{level}: {row['tokens_per_second']:.0f} tok/s, load generator "
+        f"{row['client_cpu_cores']:.2f} cores"
+        + (f", {row['paired_ratio']:.2f}x vLLM's server (paired)" if "paired_ratio" in row else ""),
+        flush=True,
+    )
+    return row
+
+
+def paired_vllm_rows(ours: str, theirs: str, levels: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """This server's vLLM path and vLLM's own server, both running, their rounds alternating (which
+    goes first alternates too): a machine that speeds up or slows down between rounds moves both
+    alike. Each of our rows carries `paired_ratio`, the median of its rounds each divided by the
+    vLLM round beside it. The Ollama dialect is paired with vLLM's OpenAI stream (vLLM has no Ollama API)."""
+    rows = []
+    for url in (ours, theirs):  # load and warm up
+        asyncio.run(run_round(url, "openai", MODEL, PROMPT, 2, max(levels)))
+    for dialect in (*DIALECTS, "openai-json"):
+        versus = "openai" if dialect == "ollama" else dialect
+        for level in levels:
+            mine: list[LoadResult] = []
+            vllms: list[LoadResult] = []
+            for i in range(args.repeats):
+                sides = [(ours, dialect, mine), (theirs, versus, vllms)]
+                for url, d, into in sides if i % 2 == 0 else sides[::-1]:
+                    into.append(asyncio.run(run_round(url, d, MODEL, PROMPT, args.max_tokens, level)))
+            ratio = statistics.median(
+                m.tokens_per_second / v.tokens_per_second for m, v in zip(mine, vllms, strict=True)
             )
-            print(
-                f"  {backend} {kind} {dialect} x{level}: {rows[-1]['tokens_per_second']:.0f} tok/s, load generator "
-                f"{rows[-1]['client_cpu_cores']:.2f} cores",
-                flush=True,
-            )
+            rows.append(_row("vllm", "http", dialect, level, mine, paired_ratio=ratio, versus=versus))
+            if dialect == versus:
+                rows.append(_row("vllm", "vllm-server", dialect, level, vllms))
     return rows
 
 
@@ -196,16 +226,16 @@ def main() -> None:
             results["rows"] += baseline_rows(backend, "runner", runner, args.max_tokens)
             print(f"{backend}: over HTTP", flush=True)
             with running_server(server_env, root / f"{backend}.log") as url:
-                dialects = (*DIALECTS, "openai-json") if backend == "vllm" else DIALECTS
-                results["rows"] += http_rows(url, backend, "http", levels, args, dialects)
+                if backend == "vllm":
+                    print("vllm: beside vLLM's own OpenAI server (the same engine settings), rounds alternating")
+                    with vllm_own_server(
+                        source, MODEL, server_dtype(source), max(levels), base_env, root / "vllm-server.log"
+                    ) as theirs:
+                        results["rows"] += paired_vllm_rows(url, theirs, levels, args)
+                else:
+                    results["rows"] += http_rows(url, backend, "http", levels, args)
                 results["single_stream_ttft"] += single_stream_rows(url, backend, args.ttft_samples)
                 results["memory"].append(server_memory(url, backend))
-        if "vllm" in backends:
-            print("vllm: vLLM's own OpenAI server, the same engine settings", flush=True)
-            with vllm_own_server(
-                source, MODEL, server_dtype(source), max(levels), base_env, root / "vllm-server.log"
-            ) as url:
-                results["rows"] += http_rows(url, "vllm", "vllm-server", levels, args, ("openai", "openai-json"))
         if "transformers" in backends:
             print("transformers: one request at a time", flush=True)
             serial_env = {**base_env, "BACKEND": "transformers", "MAX_BATCH_SIZE": "1"}

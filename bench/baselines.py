@@ -108,7 +108,11 @@ def _transformers(
 def _vllm(model_dir: str, prompt: str, max_tokens: int, repeats: int, ttft_samples: int, batches: list[int]) -> dict:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, enforce_eager=True, seed=0, max_model_len=2048, dtype=server_dtype(Path(model_dir)))
+    from bench.vllm_server import server_eager
+
+    llm = LLM(
+        model=model_dir, enforce_eager=server_eager({}), seed=0, max_model_len=2048, dtype=server_dtype(Path(model_dir))
+    )
 
     def generate(batch: int, new_tokens: int) -> float:
         params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0)

@@ -13,7 +13,9 @@ from pathlib import Path
 from tests.support.server_process import free_port, stop_server, wait_healthy
 
 
-def command(model_dir: Path, served_name: str, dtype: str, max_num_seqs: int, port: int) -> list[str]:
+def command(
+    model_dir: Path, served_name: str, dtype: str, max_num_seqs: int, port: int, enforce_eager: bool
+) -> list[str]:
     """`python -m vllm.entrypoints.openai.api_server` with the engine arguments runners/vllm.py uses on CPU."""
     from runners.vllm import CPU_KV_CACHE_BYTES
 
@@ -31,7 +33,7 @@ def command(model_dir: Path, served_name: str, dtype: str, max_num_seqs: int, po
         str(max_num_seqs),
         "--kv-cache-memory-bytes",
         str(CPU_KV_CACHE_BYTES),
-        "--enforce-eager",
+        *(["--enforce-eager"] if enforce_eager else []),
         "--disable-log-stats",
         "--host",
         "127.0.0.1",
@@ -40,15 +42,29 @@ def command(model_dir: Path, served_name: str, dtype: str, max_num_seqs: int, po
     ]
 
 
+def server_eager(env: dict[str, str]) -> bool:
+    """Whether this server's vLLM path runs eager with `env` (ENFORCE_EAGER, else the device's default)."""
+    import torch
+
+    from runners.vllm import eager
+    from settings import Settings
+
+    value = env.get("ENFORCE_EAGER", os.environ.get("ENFORCE_EAGER"))
+    settings = Settings() if value is None else Settings(enforce_eager=value)
+    return eager("cuda" if torch.cuda.is_available() else "cpu", settings)
+
+
 @contextmanager
 def vllm_own_server(
     model_dir: Path, served_name: str, dtype: str, max_num_seqs: int, env: dict[str, str], log: Path
 ) -> Iterator[str]:
-    """A healthy vLLM OpenAI server; yields its base URL and stops it afterwards."""
+    """A healthy vLLM OpenAI server, compiled or eager as this server's vLLM path would run with
+    `env`; yields its base URL and stops it afterwards."""
+    enforce_eager = server_eager(env)
     port = free_port()
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            command(model_dir, served_name, dtype, max_num_seqs, port),
+            command(model_dir, served_name, dtype, max_num_seqs, port, enforce_eager),
             env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -33,6 +33,9 @@ GPU_MEMORY_SHARE = 0.9
 # VLLM_CPU_KVCACHE_SPACE (GiB) overrides this. A model whose full context does not fit gets a
 # shorter one (max_model_len=-1: vLLM fits the context to the cache).
 CPU_KV_CACHE_BYTES = 1 << 30
+# Whether vLLM skips compilation when ENFORCE_EAGER is unset. GPU: compiled with CUDA graphs (vLLM's
+# default). CPU: placeholder, chosen from bench/compile_start.py's numbers below.
+EAGER_BY_DEFAULT = {"cuda": False, "cpu": True}
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
 _SHUTDOWN_TIMEOUT = 30.0
@@ -169,13 +172,18 @@ def engine_args(
         max_num_seqs=settings.max_batch_size,
         # Split each model across this many GPUs (models larger than one); one on CPU.
         tensor_parallel_size=settings.tensor_parallel_size if device == "cuda" else 1,
-        enforce_eager=device == "cpu",  # compiling costs ~50 s per start on CPU for ~20% speed
+        enforce_eager=eager(device, settings),
         disable_log_stats=True,
         # Compact JSON, as the transformers runner emits: with free whitespace, weak models can
         # spend their whole budget on spaces.
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         **memory,
     )
+
+
+def eager(device: str, settings: Settings) -> bool:
+    """Whether vLLM runs uncompiled: ENFORCE_EAGER when set, else EAGER_BY_DEFAULT for the device."""
+    return settings.enforce_eager if settings.enforce_eager is not None else EAGER_BY_DEFAULT[device]
 
 
 def sampling_params(prepared: PreparedPrompt) -> SamplingParams:

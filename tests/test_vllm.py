@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -57,6 +58,7 @@ def vllm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
         "VLLM_RPC_BASE_PATH": str(root / "rpc"),
         "VLLM_LOGGING_LEVEL": "WARNING",
+        "ENFORCE_EAGER": "true",  # an engine start without compiling: seconds, not a minute
     }
 
 
@@ -139,6 +141,23 @@ def test_choice_states_what_vllm_cannot_run() -> None:
     assert choose_backend("transformers", device="cpu", config=llama, precision=FP32).reason == "BACKEND=transformers"
 
 
+def test_enforce_eager_reaches_vllm_and_defaults_per_device(tiny_llama_dir: Path, install_model) -> None:
+    from runners.local_cache import find_local
+    from runners.names import parse_model_name
+    from runners.vllm import EAGER_BY_DEFAULT, engine_args
+    from settings import Settings
+
+    install_model(tiny_llama_dir, "test-org/eager")
+    local = find_local(parse_model_name("test-org/eager"))
+    assert local is not None
+    for device in ("cpu", "cuda"):
+        args = {
+            setting: engine_args(local, FP32, device, False, Settings(enforce_eager=setting)).enforce_eager
+            for setting in (None, True, False)
+        }
+        assert args == {None: EAGER_BY_DEFAULT[device], True: True, False: False}
+
+
 class TestBackendVllm:
     @pytest.fixture(scope="class")
     def url(self, vllm_env: dict[str, str]) -> Iterator[str]:
@@ -167,6 +186,7 @@ class TestBackendVllm:
         expected = "bf16" if bf16_cpu_feature() else "fp32"  # the checkpoint is bf16
         assert entry["quantization"] == expected
         assert str(running_engine().model_config.dtype) == {"bf16": "torch.bfloat16", "fp32": "torch.float32"}[expected]
+        assert running_engine().model_config.enforce_eager is True  # ENFORCE_EAGER=true (vllm_env)
 
     def test_a_prompt_no_tokenization_could_fit_is_refused_before_tokenizing(self, url: str) -> None:
         r = httpx.post(f"{url}/v1/completions", json={"model": SMALL, "prompt": "b" * 2_000_000}, timeout=120)

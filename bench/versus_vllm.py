@@ -1,0 +1,140 @@
+"""This server's vLLM path against vLLM's own OpenAI server, paired: `python -m bench.versus_vllm`.
+
+Both servers run at once on the same model and engine settings (idle, a vLLM engine sleeps), and
+their rounds alternate (ours, theirs, ours, ...), so a machine that speeds up or slows down between
+rounds moves both sides alike. Each of our rounds is divided by the round of vLLM's server just
+before or after it; the median of those ratios is the figure. The Ollama dialect (vLLM has none)
+is compared with vLLM's OpenAI SSE stream, the same tokens over the same kind of stream.
+
+`--hold SECONDS` keeps both servers up after the rounds, for a profiler (their pids are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.baselines import server_dtype
+from bench.loadgen import run_round
+from bench.vllm_server import vllm_own_server
+from tests.support.server_process import running_server
+from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
+
+MODEL = "bench/random-llama"
+PROMPT = "Tell me a long story about the sea, the wind and a small boat that " * 2
+# (our dialect, the vLLM server's dialect it is compared with)
+PAIRS = (("openai", "openai"), ("openai-json", "openai-json"), ("ollama", "openai"))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.versus_vllm", description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", default="1,8")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved rounds per side, dialect and level")
+    parser.add_argument("--dialects", default="openai,openai-json,ollama")
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--hold", type=float, default=0, help="seconds to keep the servers up afterwards")
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    return parser.parse_args()
+
+
+def build_model(root: Path, args: argparse.Namespace) -> Path:
+    source = build_tiny_llama(
+        root / "model",
+        hidden_size=args.hidden,
+        layers=args.layers,
+        intermediate_size=args.hidden * 8 // 3,
+        heads=max(1, args.hidden // 64),
+        context=2048,
+        dtype=args.dtype,
+    )
+    install_into_hf_cache(source, root / "hf" / "hub", MODEL)
+    return source
+
+
+def tokens_per_second(url: str, dialect: str, max_tokens: int, level: int) -> float:
+    return asyncio.run(run_round(url, dialect, MODEL, PROMPT, max_tokens, level)).tokens_per_second
+
+
+def paired(ours: str, theirs: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    wanted = set(args.dialects.split(","))
+    for level in (int(c) for c in args.concurrency.split(",")):
+        for our_dialect, their_dialect in PAIRS:
+            if our_dialect not in wanted:
+                continue
+            mine, vllms, ratios = [], [], []
+            for i in range(args.pairs):
+                # Alternate which side goes first, so neither always follows the other's round.
+                order = [(ours, our_dialect), (theirs, their_dialect)]
+                a, b = (tokens_per_second(url, d, args.max_tokens, level) for url, d in order[:: 1 if i % 2 else -1])
+                m, v = (b, a) if i % 2 == 0 else (a, b)
+                mine.append(m)
+                vllms.append(v)
+                ratios.append(m / v)
+            row = {
+                "dialect": our_dialect,
+                "versus": their_dialect,
+                "concurrency": level,
+                "ours_tok_s": statistics.median(mine),
+                "vllm_tok_s": statistics.median(vllms),
+                "ratio_median": statistics.median(ratios),
+                "ratios": [round(r, 3) for r in ratios],
+                "loadavg": os.getloadavg()[0],
+            }
+            rows.append(row)
+            print(
+                f"x{level} {our_dialect:11s} ours {row['ours_tok_s']:6.1f}  vLLM {row['vllm_tok_s']:6.1f}  "
+                f"ratio {row['ratio_median']:.3f}  {row['ratios']}  load {row['loadavg']:.2f}",
+                flush=True,
+            )
+    return rows
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop both servers on the way out
+    args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-vs-") as tmp:
+        root = Path(tmp)
+        source = build_model(root, args)
+        levels = [int(c) for c in args.concurrency.split(",")]
+        env = {
+            "HF_HOME": str(root / "hf"),
+            "HF_ENDPOINT": "http://127.0.0.1:9",
+            "DATA_DIR": str(root / "data"),
+            "BENTOML_HOME": str(root / "bentoml"),
+            "MAX_BATCH_SIZE": str(max(levels)),
+            "MAX_QUEUE": "256",
+            "KEEP_ALIVE": "-1",
+        }
+        print(f"load average before: {os.getloadavg()}", flush=True)
+        with (
+            vllm_own_server(source, MODEL, server_dtype(source), max(levels), env, root / "vllm.log") as theirs,
+            running_server({**env, "BACKEND": "vllm"}, root / "ours.log") as ours,
+        ):
+            for url, dialect in ((ours, "openai"), (theirs, "openai")):  # load and warm up
+                tokens_per_second(url, dialect, 8, 1)
+                tokens_per_second(url, dialect, 8, max(levels))
+            started = time.time()
+            rows = paired(ours, theirs, args)
+            print(f"{time.time() - started:.0f} s of rounds; load average after: {os.getloadavg()}", flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(rows, indent=2))
+            if args.hold:
+                print(f"holding {args.hold:.0f} s: ours {ours}, vLLM {theirs}", flush=True)
+                time.sleep(args.hold)
+
+
+if __name__ == "__main__":
+    main()
