@@ -44,6 +44,7 @@ async def status(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
                 "reasoning_parser": e.parsers.reasoning_parser,
                 "parsers_reason": e.parsers.reason,
                 "memory_bytes": e.memory_bytes,
+                "adapters": sorted(e.runner.adapters),  # LoRA adapters served over this model (its base)
                 "active_requests": e.active,
                 "running_requests": e.runner.batch_size(),  # decoding in the current batch
                 "waiting_requests": e.runner.queue_depth(),  # queued for a batch slot
