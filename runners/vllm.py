@@ -222,6 +222,8 @@ def engine_args(
         # spend their whole budget on spaces.
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         enable_lora=lora,
+        # vLLM's CPU LoRA ops apply the last slot's adapter to requests without one: fixed in its worker.
+        worker_extension_cls="runners.vllm_cpu_lora.NoAdapterRowsFix" if lora and device == "cpu" else "",
         max_loras=settings.max_loras,
         max_lora_rank=settings.max_lora_rank,  # type: ignore[arg-type]
         **memory,
