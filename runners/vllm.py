@@ -11,6 +11,7 @@ adapters share the batch (MAX_LORAS adapters per batch, ranks up to MAX_LORA_RAN
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import uuid
@@ -70,6 +71,7 @@ class VllmRunner(Runner):
         self._settings = settings
         self.lora_enabled = engine.vllm_config.lora_config is not None
         self._loras: dict[str, LoRARequest] = {}
+        self._attaching = asyncio.Lock()  # one registration per adapter, however many requests ask
 
     @classmethod
     def load(
@@ -99,16 +101,20 @@ class VllmRunner(Runner):
     async def attach_adapter(self, adapter: Adapter) -> None:
         """Register the adapter with the engine (it loads now, so a broken adapter fails here);
         AdapterRefused when vLLM cannot serve it."""
+        async with self._attaching:
+            if adapter.name not in self.adapters:
+                await self._register(adapter)
+
+    async def _register(self, adapter: Adapter) -> None:
         from vllm.lora.request import LoRARequest
 
-        if adapter.name in self._loras:
-            return
         if not self.lora_enabled:
             raise AdapterRefused("the engine was started without LoRA")
         reason = vllm_refusal(adapter, self._settings)
         if reason is not None:
             raise AdapterRefused(reason)
-        request = LoRARequest(adapter.name, next(_LORA_IDS), str(adapter.local.path))
+        # Named by its commit too: an adapter pulled anew is a new adapter to vLLM, not its cached one.
+        request = LoRARequest(f"{adapter.name}@{adapter.local.commit}", next(_LORA_IDS), str(adapter.local.path))
         try:
             await self.engine.add_lora(request)
         except Exception as exc:

@@ -246,3 +246,16 @@ def test_adapters_on_vllm_share_the_base_engine_and_match_peft(vllm_url: str, re
         assert loaded == {(BASE, "vllm"): [ADAPTER_A, ADAPTER_B], (BASE, "transformers"): [WIDE]}
         ps = [m["name"] for m in client.get("/api/ps").json()["models"]]
         assert sorted(ps).count(f"{WIDE}:latest") == 1
+
+
+def test_lora_limits_are_settings_vllm_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from settings import SettingsError, load_settings
+
+    monkeypatch.setenv("MAX_LORA_RANK", "32")
+    monkeypatch.setenv("MAX_LORAS", "3")
+    settings = load_settings()
+    assert (settings.max_lora_rank, settings.max_loras) == (32, 3)
+    assert settings.public()["max_lora_rank"] == 32
+    monkeypatch.setenv("MAX_LORA_RANK", "33")
+    with pytest.raises(SettingsError, match="MAX_LORA_RANK: Value error, must be one of vLLM's LoRA ranks"):
+        load_settings()
