@@ -9,8 +9,10 @@ not pulled is refused before its weights download.
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,9 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import UNREACHABLE_HUB, current_runtime
+from tests.conftest import current_runtime
 from tests.support.hub_server import LocalHub
-from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
+from tests.support.server_env import in_process_env
+from tests.support.server_process import ROOT
+from tests.support.tiny_models import build_lora_adapter, build_tiny_llama
 
 BASE = "test-org/lora-base"
 ADAPTER_A = "test-org/lora-a"
@@ -30,23 +34,6 @@ WIDE = "test-org/lora-wide"  # rank 16: above MAX_LORA_RANK=8 in the vLLM test, 
 MISSING_BASE = "test-org/never-pulled-base"
 PROMPT = "the model answers the question about the weather"
 TOKENS = 12
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def build_adapter(base_dir: Path, dst: Path, *, seed: int, base_name: str, rank: int = 8) -> Path:
-    """A PEFT LoRA adapter of the model in `base_dir` with random A and B (PEFT's default B is zero,
-    which would change nothing), naming `base_name` as its base, as an adapter on the Hub does."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(dst)
-    config_file = dst / "adapter_config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": base_name}))
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +43,10 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = build_tiny_llama(root / "base", hidden_size=128, seed=3, context=4096)
     return {
         BASE: base,
-        ADAPTER_A: build_adapter(base, root / "a", seed=1, base_name=BASE),
-        ADAPTER_B: build_adapter(base, root / "b", seed=2, base_name=BASE),
-        ORPHAN: build_adapter(base, root / "orphan", seed=4, base_name=MISSING_BASE),
-        WIDE: build_adapter(base, root / "wide", seed=5, base_name=BASE, rank=16),
+        ADAPTER_A: build_lora_adapter(base, root / "a", seed=1, base_name=BASE),
+        ADAPTER_B: build_lora_adapter(base, root / "b", seed=2, base_name=BASE),
+        ORPHAN: build_lora_adapter(base, root / "orphan", seed=4, base_name=MISSING_BASE),
+        WIDE: build_lora_adapter(base, root / "wide", seed=5, base_name=BASE, rank=16),
     }
 
 
@@ -199,6 +186,29 @@ def test_an_adapter_whose_base_is_not_pulled_fails_before_downloading(serve, hub
     assert f"pull '{BASE}' first" in r.json()["error"]["message"]
 
 
+def test_the_cli_pulls_an_adapter_after_its_base_and_says_which_base_is_missing(hub: LocalHub, tmp_path: Path) -> None:
+    """`ai-server pull` against a real socket: the adapter's job error is the CLI's error."""
+    from tests.test_vllm import in_process_server
+
+    env = {"HF_HOME": str(tmp_path / "hf"), "DATA_DIR": str(tmp_path / "data"), "BACKEND": "transformers"}
+    with in_process_server({**env, "HF_ENDPOINT": hub.endpoint}) as url:
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            run_env = {**os.environ, "AI_SERVER_HOST": url, "COLUMNS": "200"}
+            run_env.pop("AI_SERVER_API_KEY", None)
+            return subprocess.run(
+                [sys.executable, "-m", "cli", *args], cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=180
+            )
+
+        missing = cli("pull", ADAPTER_A)
+        assert missing.returncode == 1
+        assert f"'{ADAPTER_A}' is a LoRA adapter of '{BASE}', which is not pulled" in missing.stderr, missing.stderr
+        for model in (BASE, ADAPTER_A):
+            assert cli("pull", model).returncode == 0
+        listing = cli("list")
+        assert listing.returncode == 0 and ADAPTER_A in listing.stdout, listing.stdout
+
+
 # -- vLLM: LoRARequest per request --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vllm_url(repos: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -206,21 +216,8 @@ def vllm_url(repos: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     from tests.test_vllm import in_process_server
 
     root = tmp_path_factory.mktemp("lora-vllm")
-    for repo_id in (BASE, ADAPTER_A, ADAPTER_B, WIDE):
-        install_into_hf_cache(repos[repo_id], root / "hf" / "hub", repo_id)
-    (root / "rpc").mkdir()
-    env = {
-        "HF_HOME": str(root / "hf"),
-        "HF_ENDPOINT": UNREACHABLE_HUB,
-        "DATA_DIR": str(root / "data"),
-        "BACKEND": "auto",
-        "MAX_LORA_RANK": "8",
-        "MAX_LORAS": "2",
-        "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
-        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
-        "VLLM_RPC_BASE_PATH": str(root / "rpc"),
-        "VLLM_LOGGING_LEVEL": "WARNING",
-    }
+    models = {repo_id: repos[repo_id] for repo_id in (BASE, ADAPTER_A, ADAPTER_B, WIDE)}
+    env = in_process_env(root, models, "auto", MAX_LORA_RANK="8", MAX_LORAS="2")
     with in_process_server(env) as url:
         yield url
     shutil.rmtree(root, ignore_errors=True)
