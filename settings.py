@@ -19,6 +19,7 @@ _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m
 _DURATION_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 # Go's longest time.Duration (2**63-1 ns, about 292 years): Ollama's "forever"; anything longer is the same.
 MAX_DURATION_SECONDS = (2**63 - 1) / 1e9
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks
 
 
 def parse_duration(value: str | int | float) -> float | None:
@@ -100,6 +101,10 @@ class Settings(BaseSettings):
     # vLLM without compilation (torch.compile, and CUDA graphs on a GPU). Unset: the engine's
     # default per device (runners/vllm.py says which and why).
     enforce_eager: bool | None = Field(None, description="vLLM runs uncompiled; unset: the device's default")
+    # LoRA adapters on vLLM (vLLM's own limits): adapters one batch holds, and the largest rank it
+    # serves; an adapter beyond them (or one vLLM refuses) is served by PEFT on transformers.
+    max_loras: int = Field(4, ge=1, description="LoRA adapters of one base in one vLLM batch")
+    max_lora_rank: int = Field(64, description="largest LoRA rank vLLM serves (one of vLLM's sizes)")
     gpu_count: int | None = Field(
         None, ge=0, description="GPUs the service asks BentoCloud for (0: a CPU instance); default TENSOR_PARALLEL_SIZE"
     )
@@ -125,6 +130,13 @@ class Settings(BaseSettings):
                 raise ValueError("must be a whole number of bytes")
             return int(number)
         return None if value == "" else value
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_lora_rank(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be one of vLLM's LoRA ranks {', '.join(map(str, VLLM_LORA_RANKS))}")
+        return value
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -184,6 +196,8 @@ class Settings(BaseSettings):
             "job_retention_seconds": self.job_retention,
             "tensor_parallel_size": self.tensor_parallel_size,
             "enforce_eager": self.enforce_eager,
+            "max_loras": self.max_loras,
+            "max_lora_rank": self.max_lora_rank,
             "max_request_bytes": self.max_request_bytes,
             "max_image_bytes": self.max_image_bytes,
             "max_image_pixels": self.max_image_pixels,

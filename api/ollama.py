@@ -29,6 +29,7 @@ from api.streaming import NDJSON_MEDIA_TYPE, started_stream, stream_generation
 from api.strict_json import StrictJSONRoute
 from errors import InvalidRequest, ModelNotFound
 from jobs.models import iso_utc
+from runners.adapters import base_not_pulled, described_by
 from runners.base import GenerationRequest, OutputDelta, ToolCall, ToolCallDelta
 from runners.embedding import embed
 from runners.generation import Completion, Generation, GenerationStats, start_generation
@@ -294,14 +295,29 @@ def _details(info: ModelInfo) -> dict[str, Any]:
 
 
 def _model_entry(local: LocalModel) -> dict[str, Any]:
+    """A model's (or a LoRA adapter's) entry in /api/tags; an adapter's details are its base's,
+    with the base as `parent_model`."""
+    source, parent = described_by(local)
+    details = _details(describe(source)) if source is not None else dict(_UNKNOWN_DETAILS)
+    details["parent_model"] = parent
     return {
         "name": local.ref.tagged_name,
         "model": local.ref.tagged_name,
         "modified_at": iso_utc(datetime.fromtimestamp(local.modified_at, timezone.utc)),
         "size": local.size_bytes,
         "digest": local.commit,
-        "details": _details(describe(local)),
+        "details": details,
     }
+
+
+# An adapter whose base is not pulled: nothing describes it until the base is.
+_UNKNOWN_DETAILS = {
+    "format": "safetensors",
+    "family": "",
+    "families": [],
+    "parameter_size": "",
+    "quantization_level": "",
+}
 
 
 @router.get("/api/tags")
@@ -316,20 +332,29 @@ async def tags(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
 @router.post("/api/show")
 async def show(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     local = await _local_or_404(body.model)
-    info = await asyncio.to_thread(describe, local)
-    parsers = choose_parsers(local.ref.repo_id, info, runtime.settings)
-    generation_config = local.path / "generation_config.json"
+    source, parent = await asyncio.to_thread(described_by, local)
+    if source is None:
+        raise (
+            base_not_pulled(local.ref.name, parse_model_name(parent))
+            if parent
+            else ModelNotFound(f"'{local.ref.name}' is an adapter this server cannot serve", param="model")
+        )
+    info = await asyncio.to_thread(describe, source)
+    parsers = choose_parsers(source.ref.repo_id, info, runtime.settings)
+    generation_config = source.path / "generation_config.json"
     params = json.loads(generation_config.read_text()) if generation_config.is_file() else {}
     parameters = "\n".join(
         f"{k:<30} {v}"
         for k, v in params.items()
         if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
     )
+    # A LoRA adapter reads as Ollama writes one: its base, then the adapter.
+    modelfile = f"FROM {parent}\nADAPTER {local.ref.tagged_name}\n" if parent else f"FROM {local.ref.tagged_name}\n"
     return {
-        "modelfile": f"# Served by ai-server from the Hugging Face cache\nFROM {local.ref.tagged_name}\n",
+        "modelfile": f"# Served by ai-server from the Hugging Face cache\n{modelfile}",
         "parameters": parameters,
         "template": info.chat_template or "",
-        "details": _details(info),
+        "details": {**_details(info), "parent_model": parent},
         "model_info": _model_info(info, local),
         "capabilities": info.capabilities(tools=parsers.tools, thinking=parsers.thinking),
         "modified_at": iso_utc(datetime.fromtimestamp(local.modified_at, timezone.utc)),
@@ -358,10 +383,16 @@ def _model_info(info: ModelInfo, local: LocalModel) -> dict[str, Any]:
 
 @router.get("/api/ps")
 async def running(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
-    return {"models": [_running_entry(entry) for entry in runtime.pool.snapshot()], "replica": runtime.jobs.owner}
+    running = []
+    for entry in runtime.pool.snapshot():
+        running.append(_running_entry(entry))
+        # LoRA adapters attached to it: served by its runner, their base as parent_model.
+        running.extend(_running_entry(entry, adapter) for adapter in entry.adapters)
+    return {"models": running, "replica": runtime.jobs.owner}
 
 
-def _running_entry(entry: ModelSnapshot) -> dict[str, Any]:
+def _running_entry(entry: ModelSnapshot, adapter: LocalModel | None = None) -> dict[str, Any]:
+    """A loaded model in /api/ps, or (`adapter`) a LoRA adapter attached to it."""
     local = entry.local
     if entry.expires_at is not None:
         expires = datetime.fromtimestamp(entry.expires_at, timezone.utc)
@@ -370,13 +401,14 @@ def _running_entry(entry: ModelSnapshot) -> dict[str, Any]:
     else:  # in use: it expires keep_alive after the running requests end, at the earliest
         expires = datetime.fromtimestamp(entry.last_used + entry.keep_alive, timezone.utc)
     info = describe(local)
-    entry_json = _model_entry(local)
+    entry_json = _model_entry(adapter or local)
     entry_json["details"]["quantization_level"] = entry.precision.upper()  # as loaded
+    size = adapter.size_bytes if adapter else entry.memory_bytes  # an adapter: its own weights
     return {
         **entry_json,
-        "size": entry.memory_bytes,
+        "size": size,
         "expires_at": iso_utc(expires),
-        "size_vram": entry.memory_bytes if entry.device == "cuda" else 0,
+        "size_vram": size if entry.device == "cuda" else 0,
         "context_length": info.context_length,
     }
 
@@ -443,7 +475,7 @@ def _pull_failure_status(error: str) -> int:
     """Ollama answers a failed pull with the registry's reason and, lacking a status, 500
     (server/routes.go, waitForStream). A model that does not exist or may not be read is the
     client's to fix, so those are 404 and 403 here; the Hub unreachable or a full disk stay 5xx."""
-    if "was not found" in error:  # jobs.puller.describe_failure's words for a repo or revision
+    if "was not found" in error or "which is not pulled" in error:  # a repo, a revision, an adapter's base
         return 404
     if "not authorized" in error or "gated model" in error:
         return 403

@@ -24,6 +24,7 @@ from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_gene
 from api.strict_json import StrictJSONRoute
 from errors import InvalidRequest, ModelNotFound
 from runners import structured
+from runners.adapters import described_by
 from runners.base import GenerationRequest, OutputDelta, ResponseFormat, SamplingOptions, TokenLogprob, ToolCallDelta
 from runners.embedding import embed
 from runners.generation import Completion, Generation, GenerationGroup, GenerationStats, start_generations
@@ -43,12 +44,15 @@ _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 
 def _model_card(local: LocalModel) -> dict[str, Any]:
     owner, _, _ = local.ref.repo_id.rpartition("/")
-    return {
+    card = {
         "id": local.ref.name,
         "object": "model",
         "created": int(local.modified_at),
         "owned_by": owner or "huggingface",
     }
+    if local.is_adapter:  # a LoRA adapter: its base as `parent`, as vLLM's server lists adapters
+        card["parent"] = described_by(local)[1] or None
+    return card
 
 
 @router.get("/models")

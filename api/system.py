@@ -45,6 +45,7 @@ async def status(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
                 "reasoning_parser": e.parsers.reasoning_parser,
                 "parsers_reason": e.parsers.reason,
                 "memory_bytes": e.memory_bytes,
+                "adapters": [a.ref.name for a in e.adapters],  # LoRA adapters served over this model (its base)
                 "active_requests": e.leases,
                 "running_requests": e.running,  # decoding in the current batch
                 "waiting_requests": e.waiting,  # queued for a batch slot

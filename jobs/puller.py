@@ -13,6 +13,9 @@ replica resumes it) and goes when the job ends. A failed pull puts back the snap
 before (an update that failed leaves the old version served). Files completed before an
 interruption keep their place in the cache; a file cut midway is fetched again. Only the job's
 current owner touches its repo's partial files and marker.
+
+A LoRA adapter repository is checked before its weights download: its `adapter_config.json` must
+name a base model that is pulled already, or the job fails saying which base to pull.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -47,7 +52,8 @@ from huggingface_hub.utils import tqdm as hf_tqdm
 from errors import InvalidRequest, ServerError
 from jobs.models import PullJob, active_key
 from jobs.store import JobStore
-from runners.local_cache import PULL_MARKER, LocalModel, find_local, hub_cache_dir, repo_dir
+from runners.adapters import check_base_pulled
+from runners.local_cache import ADAPTER_CONFIG, PULL_MARKER, LocalModel, find_local, hub_cache_dir, repo_dir
 from runners.names import ModelRef, parse_model_name
 from runners.pool import ModelPool
 from runners.quantization import QuantizeRequest, bitsandbytes_available, decide_precision
@@ -335,6 +341,9 @@ class Puller:
         endpoint = hub_endpoint()  # huggingface_hub reads HF_ENDPOINT only at import: pass it on
         info = HfApi(endpoint=endpoint).model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
         files = info.siblings or []
+        names = {f.rfilename for f in files}
+        if ADAPTER_CONFIG in names and "config.json" not in names:
+            _check_adapter(ref, info.sha or ref.revision, endpoint)
         total = sum(f.size or 0 for f in files)
         present = _bytes_in_cache(ref.repo_id, files)
         progress.begin(total, present)
@@ -361,6 +370,8 @@ class Puller:
 
     def _prefers_quantized(self, local: LocalModel, quantize: QuantizeRequest) -> bool:
         """Whether the quantization policy would load this model 4-bit (the original server's field)."""
+        if local.is_adapter:  # an adapter follows its base's precision
+            return False
         try:
             return decide_precision(
                 quantize,
@@ -372,6 +383,15 @@ class Puller:
             ).quantized
         except InvalidRequest:  # q4 without bitsandbytes: preferred, though a load will refuse it
             return True
+
+
+def _check_adapter(ref: ModelRef, revision: str | None, endpoint: str) -> None:
+    """A LoRA adapter's config, fetched alone before anything is downloaded into the cache: its
+    base must be pulled (ModelNotFound naming the base, InvalidRequest for an adapter not served)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = hf_hub_download(ref.repo_id, ADAPTER_CONFIG, revision=revision, local_dir=folder, endpoint=endpoint)
+        config = json.loads(Path(path).read_text())
+    check_base_pulled(config, ref.name)
 
 
 def hub_endpoint() -> str:
@@ -496,6 +516,8 @@ class _Progress:
 def describe_failure(exc: BaseException, ref: ModelRef) -> str:
     """A sentence a user can act on, for the ways a pull fails."""
     endpoint = hub_endpoint()
+    if isinstance(exc, ServerError):  # refused on purpose (an adapter whose base is not pulled): says why
+        return exc.message
     if isinstance(exc, GatedRepoError):
         return (
             f"'{ref.repo_id}' is a gated model on {endpoint}: accept its conditions on the model page, "

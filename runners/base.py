@@ -5,10 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from runners.local_cache import LocalModel
 from runners.quantization import Precision
+
+if TYPE_CHECKING:
+    from runners.adapters import Adapter
 
 FinishReason = Literal["stop", "length", "cancelled"]
 # OpenAI's tool_choice: "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
@@ -170,14 +173,23 @@ class Runner(ABC):
         self.model = model
         self.precision = precision
         self.device = device
+        self.adapters: dict[str, Adapter] = {}  # LoRA adapters attached, by name (runners/adapters.py)
 
     tokenizer: Any
     processor: Any = None  # a vision model's processor (images → tokens and pixel inputs); None: text only
     context_length: int  # the most tokens (prompt + output) one sequence can hold
 
     @abstractmethod
-    def generate(self, prepared: PreparedPrompt) -> AsyncIterator[Chunk]:
-        """Stream the completion of a prepared prompt; closing the iterator early cancels it."""
+    def generate(self, prepared: PreparedPrompt, adapter: str | None = None) -> AsyncIterator[Chunk]:
+        """Stream the completion of a prepared prompt, with the attached LoRA `adapter` (by name)
+        applied when one is given; closing the iterator early cancels it."""
+
+    async def attach_adapter(self, adapter: Adapter) -> None:
+        """Make `adapter` available to `generate` (once; later calls return at once). Raises
+        runners.adapters.AdapterRefused when this engine cannot serve it."""
+        from runners.adapters import AdapterRefused
+
+        raise AdapterRefused(f"the {self.backend} engine does not serve LoRA adapters")
 
     @abstractmethod
     async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:

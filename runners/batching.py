@@ -9,6 +9,11 @@ The batch's KV cache is right-aligned: row i's tokens fill the last positions an
 before them are padding, masked out by the attention mask; position ids are per row. Models whose
 cache is not a plain DynamicCache (sliding-window or linear-attention layers) keep one cache per
 sequence and are stepped one sequence at a time, still interleaved with each other.
+
+With LoRA adapters attached (runners/adapters.py) the model is a PEFT model around the same weights,
+and every forward pass names each row's adapter ("__base__" for none): PEFT's mixed-adapter batches,
+so requests for different adapters of one base decode in one batch. Work that changes the model
+(attaching an adapter) runs on the decode thread between steps (`between_steps`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import inspect
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +34,8 @@ from runners.sampling import make_generator, next_token
 from runners.structured import TokenConstraint
 
 Emit = Callable[[Chunk | BaseException], None]
+T = TypeVar("T")
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
 
 class Sequence:
@@ -62,6 +70,7 @@ class Sequence:
         self.context: list[int] = list(self.prompt_ids)
         self.generated: list[int] = []
         self.last_token: int = self.prompt_ids[-1]
+        self.adapter: str | None = None  # the PEFT adapter this sequence decodes with; None: the base
 
     def advance(self, logits: torch.Tensor) -> bool:
         """Consume this sequence's next-token logits row; True when the sequence has finished."""
@@ -163,7 +172,7 @@ class KVBatch:
         self.positions = torch.cat([self.positions, other.positions])
         self.rows += other.rows
 
-    def step(self, model: Any) -> None:
+    def step(self, model: Any, **adapters: Any) -> None:
         """One token for every row; finished rows leave the batch."""
         inputs = torch.tensor([[s.last_token] for s in self.rows], device=self.mask.device)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
@@ -173,6 +182,7 @@ class KVBatch:
             position_ids=self.positions[:, None],
             past_key_values=self.cache,
             use_cache=True,
+            **adapters,
         )
         self.positions += 1
         logits = out.logits[:, -1]
@@ -246,6 +256,8 @@ class BatchScheduler:
         self._last_logits: dict[str, int] = {"logits_to_keep": 1} if accepts else {}
         self._wake = threading.Condition()
         self._closed = False
+        self._routed = False  # the model is a PEFT model: each forward names every row's adapter
+        self._chores: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._thread = threading.Thread(target=self._run, name=f"batch:{name}", daemon=True)
         self._thread.start()
 
@@ -263,11 +275,34 @@ class BatchScheduler:
             self._waiting.append(sequence)
             self._wake.notify()
 
+    def between_steps(self, work: Callable[[], T]) -> T:
+        """Run `work` on the decode thread between two steps and return its result (blocking: call
+        it from a worker thread). Nothing else touches the model meanwhile."""
+        done: Future[T] = Future()
+        with self._wake:
+            if self._closed:
+                raise ModelLoadFailed(f"model '{self._name}' is being unloaded")
+            self._chores.append((work, done))
+            self._wake.notify()
+        return done.result()
+
+    def route_adapters(self, model: Any) -> None:
+        """From now on decode with `model` (a PEFT model around the same weights), naming each row's
+        adapter. Only from the decode thread (`between_steps`)."""
+        self._model = model
+        self._routed = True
+
+    def _adapter_names(self, rows: list[Sequence]) -> dict[str, Any]:
+        return {"adapter_names": [row.adapter or BASE_ADAPTER for row in rows]} if self._routed else {}
+
     def close(self) -> None:
         with self._wake:
             self._closed = True
             self._wake.notify()
         self._thread.join()
+        for _, done in self._chores:
+            done.set_exception(ModelLoadFailed(f"model '{self._name}' was unloaded"))
+        self._chores.clear()
         unloaded = ModelLoadFailed(f"model '{self._name}' was unloaded")
         for sequence in [*self._waiting, *self._admitting, *(row for b in self._batches for row in b.rows)]:
             sequence.fail(unloaded)
@@ -278,12 +313,19 @@ class BatchScheduler:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._closed and not self._waiting and not self._batches:
+                    while not self._closed and not self._waiting and not self._batches and not self._chores:
                         self._wake.wait()
                     if self._closed:
                         return
+                    chores = list(self._chores)
+                    self._chores.clear()
                     room = self._max_batch_size - self.batch_size()
                     self._admitting = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                for work, done in chores:
+                    try:
+                        done.set_result(work())
+                    except BaseException as exc:
+                        done.set_exception(exc)
                 text_only = [s for s in self._admitting if not s.model_inputs]  # images prefill alone
                 if len(text_only) > 1 and self._mergeable:
                     self._admit_together(text_only)
@@ -293,7 +335,7 @@ class BatchScheduler:
                     self._admitting.remove(sequence)  # now in a batch, or finished
                 self._drop_cancelled()
                 for batch in list(self._batches):
-                    self._guarded(lambda b=batch: b.step(self._model), batch.rows)
+                    self._guarded(lambda b=batch: b.step(self._model, **self._adapter_names(b.rows)), batch.rows)
                 self._batches = [b for b in self._batches if b.rows]
 
     def _guarded(self, work: Callable[[], None], rows: list[Sequence]) -> None:
@@ -314,7 +356,9 @@ class BatchScheduler:
             return
         ids = torch.tensor([sequence.prompt_ids], device=self._model.device)
         images = self._prefill_inputs(sequence)
-        out = self._model(input_ids=ids, use_cache=True, **self._last_logits, **images)
+        out = self._model(
+            input_ids=ids, use_cache=True, **self._last_logits, **images, **self._adapter_names([sequence])
+        )
         self._mergeable = KVBatch.mergeable(out.past_key_values)
         if sequence.advance(out.logits[0, -1]):
             return
@@ -347,6 +391,7 @@ class BatchScheduler:
                 position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                 use_cache=True,
                 **self._last_logits,
+                **self._adapter_names(sequences),
             )
         except Exception:
             return

@@ -4,6 +4,8 @@ Chat never downloads: this module answers "is this model pulled, completely?" an
 It reads the hub cache layout huggingface_hub writes (`models--org--name/{refs,snapshots,blobs}`).
 A snapshot counts as pulled only when it is complete: config, every weight shard its index names,
 no dangling links, no download in progress (`.incomplete` blobs or our own pull marker).
+A PEFT adapter repository (`adapter_config.json` and its weights, no `config.json`) is a snapshot
+too: runners/adapters.py serves it over the base model its config names.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 PULL_MARKER = ".ai-server-pull-in-progress"
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter's own config, in place of config.json
 
 
 def hub_cache_dir() -> Path:
@@ -53,6 +56,11 @@ class LocalModel:
 
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
+
+    @property
+    def is_adapter(self) -> bool:
+        """A PEFT adapter repository rather than a model (runners/adapters.py)."""
+        return not (self.path / "config.json").is_file() and (self.path / ADAPTER_CONFIG).is_file()
 
 
 def find_local(ref: ModelRef) -> LocalModel | None:
@@ -97,7 +105,7 @@ def _complete_snapshot(ref: ModelRef, root: Path, commit: str) -> LocalModel | N
     if any(not p.exists() for p in files):  # dangling link: a blob went missing
         return None
     names = {p.relative_to(snapshot).as_posix() for p in files}
-    if "config.json" not in names or not _weights_complete(snapshot, names):
+    if not {"config.json", ADAPTER_CONFIG} & names or not _weights_complete(snapshot, names):
         return None
     size = sum(p.stat().st_size for p in files)
     weights = sum(p.stat().st_size for p in files if p.name.endswith(_WEIGHT_SUFFIXES))

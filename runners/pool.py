@@ -20,6 +20,9 @@ cannot embed) gets a second entry, a transformers runner of the same weights loa
 only. It is an entry like any other (its own load, keep-alive and cooldown, its memory in the
 budget, its place in the LRU), counted under its model's name for MAX_CACHE_MODELS: it is not
 another model, and alternating chat and embeddings (retrieval) must not evict one for the other.
+
+A LoRA adapter is no entry of its own: its requests lease its base's entry, with the adapter
+attached to the base's runner (runners/adapters.py).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import metrics
-from errors import ModelCoolingDown, ModelLoadFailed, ModelNotFound, ServerBusy, ServerError
+from errors import InvalidRequest, ModelCoolingDown, ModelLoadFailed, ModelNotFound, ServerBusy, ServerError
+from runners.adapters import AdapterServing
 from runners.backend import BackendChoice
 from runners.base import Runner
 from runners.loader import EngineLoader, LoadPlan, ModelLoader
@@ -101,6 +105,7 @@ class LoadedModel:
             keep_alive=self.keep_alive,
             last_used=self.last_used,
             expires_at=self.expires_at,
+            adapters=tuple(adapter.local for _, adapter in sorted(runner.adapters.items())),
         )
 
 
@@ -144,6 +149,7 @@ class ModelPool:
         self._failures: dict[str, LoadFailure] = {}
         self._load_lock = asyncio.Lock()  # one load (and its evictions) at a time; requests never wait on it
         self._reaper: asyncio.Task[None] | None = None
+        self.adapters = AdapterServing(settings)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -169,6 +175,10 @@ class ModelPool:
         ref = parse_model_name(name)
         started = time.perf_counter_ns()
         entry = self._loaded_for(ref.name, purpose)
+        if entry is None and (adapter := await self.adapters.find(ref)) is not None:
+            if purpose != "generate":
+                raise InvalidRequest(f"'{ref.name}' is a LoRA adapter: embed with its base '{adapter.base.name}'")
+            return await self.adapters.lease(self, adapter, quantize=quantize, keep_alive=keep_alive)
         while entry is None or entry.retired:  # retired: evicted by another load before we got it
             entry = await self._load_shared(ref, quantize, purpose)
         self._admit(entry)
@@ -198,6 +208,7 @@ class ModelPool:
         """Unload a model (its embedding runner too) now, after its running requests finish.
         False if it was not loaded."""
         model = parse_model_name(name).name
+        self._forget_adapter(model)
         keys = [key for key in (pool_key(model, "generate"), pool_key(model, "embed")) if key in self._loaded]
         for key in keys:
             await self._evict(key)
@@ -206,8 +217,15 @@ class ModelPool:
     def forget_failure(self, name: str) -> None:
         """A fresh pull may have fixed the model: allow an immediate retry."""
         model = parse_model_name(name).name
+        self._forget_adapter(model)
         for purpose in ("generate", "embed"):
             self._failures.pop(pool_key(model, purpose), None)
+
+    def _forget_adapter(self, name: str) -> None:
+        """An adapter deleted or pulled anew: found and attached afresh by its next request."""
+        self.adapters.forget(name)
+        for entry in self._loaded.values():
+            entry.runner.adapters.pop(name, None)
 
     # -- introspection ---------------------------------------------------------------------
     def snapshot(self) -> list[ModelSnapshot]:

@@ -42,6 +42,7 @@ class ModelSnapshot:
     keep_alive: float | None  # seconds it stays loaded once idle; None: forever
     last_used: float  # epoch seconds
     expires_at: float | None  # epoch seconds; None while in use or kept forever
+    adapters: tuple[LocalModel, ...] = ()  # LoRA adapters attached to it (served over it), by name
 
 
 @dataclass

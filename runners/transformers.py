@@ -3,6 +3,8 @@
 
 Concurrent requests to one model are decoded together by its continuous-batching scheduler
 (runners/batching.py); each request streams its chunks back to the event loop as they come.
+LoRA adapters of the model are served with PEFT: one PeftModel around the loaded weights holds every
+attached adapter, and each sequence in the batch names its own (runners/adapters.py).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +23,9 @@ from runners.local_cache import LocalModel
 from runners.model_info import describe, is_vision_model
 from runners.quantization import Precision
 from runners.structured import GrammarCache
+
+if TYPE_CHECKING:
+    from runners.adapters import Adapter
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _EMBED_BATCH = 16  # texts per forward pass when embedding
@@ -60,6 +65,9 @@ class TransformersRunner(Runner):
         self._embedding = asyncio.Lock()
         self._embeds_running = 0
         self._embeds_waiting = 0
+        self._peft: Any = None  # the PeftModel around _hf_model once an adapter is attached
+        self._slots: dict[str, str] = {}  # adapter name -> its PEFT adapter name (no dots allowed there)
+        self._attaching = asyncio.Lock()
 
     @classmethod
     def load(
@@ -113,10 +121,35 @@ class TransformersRunner(Runner):
         gc.freeze()
         return runner
 
-    async def generate(self, prepared: PreparedPrompt) -> AsyncIterator[Chunk]:
+    async def attach_adapter(self, adapter: Adapter) -> None:
+        """Load a LoRA adapter into the PEFT model around this model's weights (made on the first),
+        on the decode thread between two steps: PEFT injects its layers into the running model."""
+        async with self._attaching:
+            if adapter.name in self.adapters:
+                return
+            slot = f"adapter_{len(self._slots) + 1}"
+            await asyncio.to_thread(self._scheduler.between_steps, lambda: self._load_adapter(adapter, slot))
+            self._slots[adapter.name] = slot
+            self.adapters[adapter.name] = adapter
+
+    def _load_adapter(self, adapter: Adapter, slot: str) -> None:
+        from peft import PeftModel
+
+        path = str(adapter.local.path)
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self._hf_model, path, adapter_name=slot, is_trainable=False)
+            self._peft.eval()
+            self._scheduler.route_adapters(self._peft)
+        else:
+            self._peft.load_adapter(path, adapter_name=slot, is_trainable=False)
+
+    async def generate(self, prepared: PreparedPrompt, adapter: str | None = None) -> AsyncIterator[Chunk]:
         output = ChunkCollector()  # bounded: chunks a slow reader has not taken merge into one
+        if adapter is not None and adapter not in self._slots:
+            raise InvalidRequest(f"LoRA adapter '{adapter}' is not attached to '{self.model.ref.name}'")
         # Compiling a grammar happens here, so its errors reach this request only.
         sequence = await asyncio.to_thread(self._sequence, prepared, output.put)
+        sequence.adapter = self._slots.get(adapter) if adapter else None
         self._scheduler.submit(sequence)
         try:
             while True:
@@ -152,10 +185,18 @@ class TransformersRunner(Runner):
             self._embeds_waiting -= 1
         self._embeds_running += 1
         try:
+            if self._peft is not None:
+                # PEFT's layers apply adapters to any pass through the weights, and its per-pass
+                # routing (module hooks) is shared: embed on the decode thread, adapters disabled.
+                return await asyncio.to_thread(self._scheduler.between_steps, lambda: self._embed_base(token_ids))
             return await asyncio.to_thread(self._embed, token_ids)
         finally:
             self._embeds_running -= 1
             self._embedding.release()
+
+    def _embed_base(self, encoded: list[list[int]]) -> list[list[float]]:
+        with self._peft.disable_adapter():
+            return self._embed(encoded)
 
     @torch.inference_mode()
     def _embed(self, encoded: list[list[int]]) -> list[list[float]]:
@@ -181,6 +222,7 @@ class TransformersRunner(Runner):
 
     def unload(self) -> None:
         self._scheduler.close()
+        self._peft = None
         del self._hf_model
         gc.unfreeze()  # frozen objects are never collected: the model's cycles must become collectable again
         release_memory(self.device)

@@ -3,10 +3,16 @@
 vLLM batches every concurrent request itself (continuous batching, paged KV cache). Its engine core
 and workers run in processes of their own; unloading shuts them down and waits until they are gone.
 vLLM is imported only here, and only when a model loads on it.
+
+LoRA adapters (runners/adapters.py): an engine starts with vLLM's LoRA support when adapters of its
+model are pulled, and each request for an adapter carries its LoRARequest, so requests for different
+adapters share the batch (MAX_LORAS adapters per batch, ranks up to MAX_LORA_RANK).
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from errors import InvalidRequest, ServerError
+from runners.adapters import Adapter, AdapterRefused, adapters_of, vllm_refusal
 from runners.base import Chunk, FinishReason, PreparedPrompt, ResponseFormat, Runner, TokenLogprob
 from runners.local_cache import LocalModel
 from runners.quantization import Precision
@@ -24,6 +31,7 @@ from settings import Settings
 if TYPE_CHECKING:
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.logprobs import SampleLogprobs
+    from vllm.lora.request import LoRARequest
     from vllm.sampling_params import StructuredOutputsParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -39,6 +47,7 @@ EAGER_BY_DEFAULT = {"cuda": False, "cpu": True}
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
 _SHUTDOWN_TIMEOUT = 30.0
+_LORA_IDS = itertools.count(1)  # vLLM wants a unique positive int per adapter
 
 
 class VllmRunner(Runner):
@@ -62,6 +71,10 @@ class VllmRunner(Runner):
         self._requests = 0  # running and waiting in the engine (the pool's lease admitted them)
         self.tokenizer = engine.get_tokenizer()  # thread-safe: vLLM routes calls through a pool
         self.context_length = engine.model_config.max_model_len
+        self._settings = settings
+        self.lora_enabled = engine.vllm_config.lora_config is not None
+        self._loras: dict[str, LoRARequest] = {}
+        self._attaching = asyncio.Lock()  # one registration per adapter, however many requests ask
 
     @classmethod
     def load(
@@ -76,7 +89,8 @@ class VllmRunner(Runner):
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = engine_args(model, precision, device, trust_remote_code, settings)
+        # LoRA costs memory and speed: only for a model whose adapters are pulled.
+        args = engine_args(model, precision, device, trust_remote_code, settings, lora=bool(adapters_of(model.ref)))
         before = {p.pid for p in _children()}
         free_before = _cuda_free_bytes() if device == "cuda" else 0
         engine = AsyncLLM.from_engine_args(args)
@@ -87,10 +101,39 @@ class VllmRunner(Runner):
             memory = sum(_rss(p) for p in processes)
         return cls(model, precision, device, engine, processes, memory, settings)
 
-    async def generate(self, prepared: PreparedPrompt) -> AsyncIterator[Chunk]:
+    async def attach_adapter(self, adapter: Adapter) -> None:
+        """Register the adapter with the engine (it loads now, so a broken adapter fails here);
+        AdapterRefused when vLLM cannot serve it."""
+        async with self._attaching:
+            if adapter.name not in self.adapters:
+                await self._register(adapter)
+
+    async def _register(self, adapter: Adapter) -> None:
+        from vllm.lora.request import LoRARequest
+
+        if not self.lora_enabled:
+            raise AdapterRefused("the engine was started without LoRA")
+        reason = vllm_refusal(adapter, self._settings)
+        if reason is not None:
+            raise AdapterRefused(reason)
+        # Named by its commit too: an adapter pulled anew is a new adapter to vLLM, not its cached one.
+        request = LoRARequest(f"{adapter.name}@{adapter.local.commit}", next(_LORA_IDS), str(adapter.local.path))
+        try:
+            await self.engine.add_lora(request)
+        except Exception as exc:
+            raise AdapterRefused(f"{type(exc).__name__}: {exc}") from exc
+        self._loras[adapter.name] = request
+        self.adapters[adapter.name] = adapter
+
+    async def generate(self, prepared: PreparedPrompt, adapter: str | None = None) -> AsyncIterator[Chunk]:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import tokens_input
 
+        lora = None
+        if adapter is not None:
+            lora = self._loras.get(adapter)
+            if lora is None:
+                raise InvalidRequest(f"LoRA adapter '{adapter}' is not attached to '{self.model.ref.name}'")
         self._requests += 1
         request, ids = prepared.request, prepared.token_ids
         completion_tokens = 0
@@ -99,7 +142,8 @@ class VllmRunner(Runner):
             # Closing this stream early (the client went away) makes vLLM abort the request in the
             # engine: no tokens are generated for nobody.
             inputs = tokens_input(ids, prompt=prepared.text)
-            async with aclosing(self.engine.generate(inputs, params, uuid.uuid4().hex)) as outputs:
+            stream = self.engine.generate(inputs, params, uuid.uuid4().hex, lora_request=lora)
+            async with aclosing(stream) as outputs:
                 async for output in outputs:
                     out = output.outputs[0]
                     completion_tokens += len(out.token_ids)
@@ -152,7 +196,12 @@ class VllmRunner(Runner):
 
 
 def engine_args(
-    model: LocalModel, precision: Precision, device: str, trust_remote_code: bool, settings: Settings
+    model: LocalModel,
+    precision: Precision,
+    device: str,
+    trust_remote_code: bool,
+    settings: Settings,
+    lora: bool = False,
 ) -> AsyncEngineArgs:
     from vllm import AsyncEngineArgs
     from vllm.config import StructuredOutputsConfig
@@ -177,6 +226,11 @@ def engine_args(
         # Compact JSON, as the transformers runner emits: with free whitespace, weak models can
         # spend their whole budget on spaces.
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+        enable_lora=lora,
+        # vLLM's CPU LoRA ops apply the last slot's adapter to requests without one: fixed in its worker.
+        worker_extension_cls="runners.vllm_cpu_lora.NoAdapterRowsFix" if lora and device == "cpu" else "",
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,  # type: ignore[arg-type]
         **memory,
     )
 

@@ -235,6 +235,26 @@ def build_tiny_llama(
     return dst
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_lora_adapter(base_dir: Path, dst: Path, *, seed: int, base_name: str, rank: int = 8) -> Path:
+    """A PEFT LoRA adapter of the model in `base_dir` with random A and B (PEFT's default B is zero,
+    which would change nothing), naming `base_name` (a repo id) as its base, as adapters on the Hub
+    do; returns `dst`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS), init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(dst)
+    config_file = dst / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": base_name}))
+    return dst
+
+
 def build_tiny_gpt2(dst: Path, seed: int = 0) -> Path:
     """A random-weight `GPT2LMHeadModel` whose tokenizer has no chat template and no FIM tokens."""
     from transformers import GPT2Config, GPT2LMHeadModel
