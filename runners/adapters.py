@@ -21,11 +21,10 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from errors import InvalidModelName, InvalidRequest, ModelNotFound
-from runners.base import Chunk, PreparedPrompt, Runner
+from runners.base import Adapter, AdapterRefused, Chunk, PreparedPrompt, Runner
 from runners.local_cache import ADAPTER_CONFIG, LocalModel, find_local, list_local
 from runners.names import ModelRef, parse_model_name
 
@@ -34,27 +33,6 @@ if TYPE_CHECKING:
     from settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class AdapterRefused(Exception):
-    """The engine cannot serve this adapter; the reason says why (PEFT on transformers serves it)."""
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """A pulled LoRA adapter and the base model it adapts."""
-
-    local: LocalModel  # the adapter's own snapshot
-    base: ModelRef
-    config: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return self.local.ref.name
-
-    @property
-    def rank(self) -> int:
-        return max([int(self.config.get("r") or 0), *(self.config.get("rank_pattern") or {}).values()])
 
 
 def read_adapter(local: LocalModel) -> Adapter:

@@ -11,9 +11,32 @@ from runners.local_cache import LocalModel
 from runners.quantization import Precision
 
 if TYPE_CHECKING:
-    from runners.adapters import Adapter
+    from runners.names import ModelRef
 
 FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class AdapterRefused(Exception):
+    """The engine cannot serve this adapter; the reason says why (PEFT on transformers serves it)."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A pulled LoRA adapter and the base model it adapts."""
+
+    local: LocalModel  # the adapter's own snapshot
+    base: ModelRef
+    config: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.local.ref.name
+
+    @property
+    def rank(self) -> int:
+        return max([int(self.config.get("r") or 0), *(self.config.get("rank_pattern") or {}).values()])
+
+
 # OpenAI's tool_choice: "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
 ToolChoice = str | dict[str, Any]
 
@@ -186,9 +209,7 @@ class Runner(ABC):
 
     async def attach_adapter(self, adapter: Adapter) -> None:
         """Make `adapter` available to `generate` (once; later calls return at once). Raises
-        runners.adapters.AdapterRefused when this engine cannot serve it."""
-        from runners.adapters import AdapterRefused
-
+        AdapterRefused when this engine cannot serve it."""
         raise AdapterRefused(f"the {self.backend} engine does not serve LoRA adapters")
 
     @abstractmethod

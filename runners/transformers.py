@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from runners.base import Chunk, PreparedPrompt, Runner
+from errors import InvalidRequest
+from runners.base import Adapter, Chunk, PreparedPrompt, Runner
 from runners.batching import BatchScheduler, Emit, Sequence
 from runners.collector import ChunkCollector
 from runners.local_cache import LocalModel
