@@ -24,12 +24,11 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from errors import InvalidModelName, InvalidRequest, ModelNotFound
-from runners.base import Adapter, AdapterRefused, Chunk, PreparedPrompt, Runner
+from runners.base import Adapter, Chunk, PreparedPrompt, Runner
 from runners.local_cache import ADAPTER_CONFIG, LocalModel, find_local, list_local
 from runners.names import ModelRef, parse_model_name
 
 if TYPE_CHECKING:
-    from runners.pool import Lease, ModelPool
     from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ class AdapterRunner(Runner):
     def generate(self, prepared: PreparedPrompt, adapter: str | None = None) -> AsyncIterator[Chunk]:
         return self.base_runner.generate(prepared, adapter=adapter or self.adapter.name)
 
-    async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
+    async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
         raise InvalidRequest(f"'{self.adapter.name}' is a LoRA adapter: embed with its base '{self.adapter.base.name}'")
 
     def batch_size(self) -> int:
@@ -156,7 +155,8 @@ class AdapterRunner(Runner):
 
 
 class AdapterServing:
-    """The pool's part for adapters: resolve a name to an adapter, lease its base, attach the adapter."""
+    """The pool's index of adapters: a name resolved to an adapter (the pool leases its base and
+    attaches it, ModelPool._lease_adapter)."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -172,32 +172,6 @@ class AdapterServing:
 
     def forget(self, name: str) -> None:
         self._known.pop(name, None)
-
-    async def lease(self, pool: ModelPool, adapter: Adapter, **acquire: Any) -> Lease:
-        """Lease the base's runner (loading it if needed) with `adapter` attached."""
-        await asyncio.to_thread(base_snapshot, adapter)
-        base = adapter.base.name
-        lease = await pool.acquire(base, **acquire)
-        try:
-            if lease.runner.backend == "vllm" and not getattr(lease.runner, "lora_enabled", False):
-                # The engine started before any adapter of its model was pulled: restart it with LoRA.
-                log.info("restarting %s's vLLM engine with LoRA enabled for '%s'", base, adapter.name)
-                await lease.release()
-                await pool.unload(base)
-                lease = await pool.acquire(base, **acquire)
-            try:
-                await lease.runner.attach_adapter(adapter)
-            except AdapterRefused as refused:
-                log.info("vLLM refuses '%s' (%s): serving it with PEFT on transformers", adapter.name, refused)
-                await lease.release()
-                # The transformers runner of the same weights the pool keeps beside a vLLM model.
-                lease = await pool.acquire(base, **{**acquire, "purpose": "embed"})
-                await lease.runner.attach_adapter(adapter)
-        except BaseException:
-            await lease.release()
-            raise
-        lease.runner = AdapterRunner(lease.runner, adapter)
-        return lease
 
 
 def described_by(local: LocalModel) -> tuple[LocalModel | None, str]:

@@ -34,13 +34,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import metrics
 from errors import InvalidRequest, ModelCoolingDown, ModelLoadFailed, ModelNotFound, ServerBusy, ServerError
-from runners.adapters import AdapterServing
+from runners.adapters import AdapterRunner, AdapterServing, base_snapshot
 from runners.backend import BackendChoice
-from runners.base import Runner
+from runners.base import Adapter, AdapterRefused, Runner
 from runners.loader import EngineLoader, LoadPlan, ModelLoader
 from runners.local_cache import LocalModel
 from runners.names import ModelRef, parse_model_name
@@ -178,7 +178,7 @@ class ModelPool:
         if entry is None and (adapter := await self.adapters.find(ref)) is not None:
             if purpose != "generate":
                 raise InvalidRequest(f"'{ref.name}' is a LoRA adapter: embed with its base '{adapter.base.name}'")
-            return await self.adapters.lease(self, adapter, quantize=quantize, keep_alive=keep_alive)
+            return await self._lease_adapter(adapter, quantize=quantize, keep_alive=keep_alive)
         while entry is None or entry.retired:  # retired: evicted by another load before we got it
             entry = await self._load_shared(ref, quantize, purpose)
         self._admit(entry)
@@ -220,6 +220,32 @@ class ModelPool:
         self._forget_adapter(model)
         for purpose in ("generate", "embed"):
             self._failures.pop(pool_key(model, purpose), None)
+
+    async def _lease_adapter(self, adapter: Adapter, **acquire: Any) -> Lease:
+        """Lease the base's runner (loading it if needed) with `adapter` attached."""
+        await asyncio.to_thread(base_snapshot, adapter)
+        base = adapter.base.name
+        lease = await self.acquire(base, **acquire)
+        try:
+            if lease.runner.backend == "vllm" and not getattr(lease.runner, "lora_enabled", False):
+                # The engine started before any adapter of its model was pulled: restart it with LoRA.
+                log.info("restarting %s's vLLM engine with LoRA enabled for '%s'", base, adapter.name)
+                await lease.release()
+                await self.unload(base)
+                lease = await self.acquire(base, **acquire)
+            try:
+                await lease.runner.attach_adapter(adapter)
+            except AdapterRefused as refused:
+                log.info("vLLM refuses '%s' (%s): serving it with PEFT on transformers", adapter.name, refused)
+                await lease.release()
+                # The transformers runner of the same weights the pool keeps beside a vLLM model.
+                lease = await self.acquire(base, **{**acquire, "purpose": "embed"})
+                await lease.runner.attach_adapter(adapter)
+        except BaseException:
+            await lease.release()
+            raise
+        lease.runner = AdapterRunner(lease.runner, adapter)
+        return lease
 
     def _forget_adapter(self, name: str) -> None:
         """An adapter deleted or pulled anew: found and attached afresh by its next request."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -24,9 +24,6 @@ from runners.local_cache import LocalModel
 from runners.model_info import describe, is_vision_model
 from runners.quantization import Precision
 from runners.structured import GrammarCache
-
-if TYPE_CHECKING:
-    from runners.adapters import Adapter
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _EMBED_BATCH = 16  # texts per forward pass when embedding
