@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from errors import InvalidRequest, ServerError
-from runners.adapters import Adapter, AdapterRefused, adapters_of, vllm_refusal
-from runners.base import Chunk, FinishReason, PreparedPrompt, ResponseFormat, Runner, TokenLogprob
+from runners.adapters import adapters_of, vllm_refusal
+from runners.base import Adapter, AdapterRefused, Chunk, FinishReason, PreparedPrompt, ResponseFormat, Runner, TokenLogprob
 from runners.local_cache import LocalModel
 from runners.quantization import Precision
 from settings import Settings
