@@ -224,7 +224,7 @@ def vllm_url(repos: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_adapters_on_vllm_share_the_base_engine_and_match_peft(vllm_url: str, repos) -> None:
-    with httpx.Client(base_url=vllm_url, timeout=300) as client:
+    with httpx.Client(base_url=vllm_url, timeout=900) as client:  # an engine start under load
         names = [ADAPTER_A, ADAPTER_B, BASE]
         with ThreadPoolExecutor(len(names)) as pool:
             texts = dict(zip(names, pool.map(lambda name: complete(client, name), names), strict=True))
