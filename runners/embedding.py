@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from runners.pool import DEFAULT, KeepAlive, ModelPool
+from runners.presets import PresetLookup, resolve
 
 
 @dataclass
@@ -21,10 +22,19 @@ class Embeddings:
 
 
 async def embed(
-    pool: ModelPool, model: str, texts: list[str], *, truncate: bool = False, keep_alive: KeepAlive = DEFAULT
+    pool: ModelPool,
+    model: str,
+    texts: list[str],
+    *,
+    truncate: bool = False,
+    keep_alive: KeepAlive = DEFAULT,
+    presets: PresetLookup | None = None,
 ) -> Embeddings:
     started = time.perf_counter_ns()
-    lease = await pool.acquire(model, keep_alive=keep_alive, purpose="embed")
+    served = await resolve(presets, model)  # a preset embeds with its model
+    lease = await pool.acquire(
+        served.name, quantize=served.quantize, keep_alive=keep_alive, purpose="embed", files=served.files
+    )
     try:
         vectors, tokens = await lease.runner.embed(texts, truncate)
     finally:
