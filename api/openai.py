@@ -11,8 +11,8 @@ import base64
 import dataclasses
 import struct
 import uuid
-from datetime import timezone
 from collections.abc import AsyncIterator, Iterator
+from datetime import timezone
 from typing import Any
 
 from fastapi import APIRouter, Depends
