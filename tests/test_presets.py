@@ -246,6 +246,35 @@ def test_a_preset_of_a_preset_inherits_and_overrides(client: TestClient) -> None
     assert captain["message"]["content"] == explicit["message"]["content"]
 
 
+def test_a_quantized_preset_loads_on_its_own_beside_its_base(client: TestClient) -> None:
+    create(client, "pirate-q4", system=SYSTEM, parameters=PARAMETERS, quantize="q4_K_M")
+    ollama_chat(client, LLAMA, USER, num_predict=2)
+    answer = ollama_chat(client, "pirate-q4", USER)
+    assert answer["eval_count"] == 7
+    loaded = {m["name"]: m["details"]["quantization_level"] for m in client.get("/api/ps").json()["models"]}
+    assert loaded == {f"{LLAMA}:latest": "FP32", "pirate-q4:latest": "NF4"}
+    assert client.request("DELETE", "/api/delete", json={"model": "pirate-q4"}).status_code == 200
+    assert [m["name"] for m in client.get("/api/ps").json()["models"]] == [f"{LLAMA}:latest"]  # unloaded
+
+
+def test_an_adapter_preset_runs_on_the_adapter_model(client: TestClient) -> None:
+    """Adapters are served as models of their own (over their base); a preset with one runs on it."""
+    create(client, "tuned", system=SYSTEM, adapters={"test-org/tiny-lora": "sha256:unused"})
+    shown = client.post("/api/show", json={"model": "tuned"}).json()
+    assert f"\nFROM {LLAMA}:latest\nADAPTER test-org/tiny-lora\n" in shown["modelfile"]
+    r = client.post("/api/chat", json={"model": "tuned", "messages": USER, "stream": False})
+    assert r.status_code == 404 and "'test-org/tiny-lora' is not pulled" in r.json()["error"]
+
+
+def test_a_preset_embeds_with_its_model(client: TestClient) -> None:
+    create(client, "pirate", system=SYSTEM)
+    preset = client.post("/api/embed", json={"model": "pirate", "input": "ahoy"}).json()
+    base = client.post("/api/embed", json={"model": LLAMA, "input": "ahoy"}).json()
+    assert preset["embeddings"] == base["embeddings"] and preset["model"] == "pirate"
+    loaded = client.post("/api/generate", json={"model": "pirate", "stream": False}).json()  # no prompt: load
+    assert loaded["done_reason"] == "load"
+
+
 @pytest.mark.parametrize(
     ("body", "status", "words"),
     [
