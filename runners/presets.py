@@ -90,18 +90,30 @@ _GO_TEMPLATE = re.compile(r"\{\{-?\s*(?:\.|\$|(?:if|range|with|else|end|template
 
 def check_chat_template(template: str) -> None:
     """A preset's template must be a Jinja chat template (what Hugging Face tokenizers carry, and
-    what `apply_chat_template` renders); an Ollama Go template cannot run here and is refused (400)."""
+    what `apply_chat_template` renders); an Ollama Go template cannot run here and is refused (400).
+    Go actions are looked for first: Jinja parses some of them (`{{ end }}` prints a variable)."""
     from jinja2 import TemplateSyntaxError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    if _GO_TEMPLATE.search(template):
+        raise InvalidRequest(
+            "template: this is an Ollama (Go) template, which cannot render prompts for Hugging Face models; "
+            "give a Jinja chat template (a tokenizer_config.json `chat_template`, over `messages`), "
+            "or leave `template` out to use the model's own",
+            param="template",
+        )
     try:
-        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+        _compile(template)
     except TemplateSyntaxError as exc:
-        if _GO_TEMPLATE.search(template):
-            raise InvalidRequest(
-                "template: this is an Ollama (Go) template, which cannot render prompts for Hugging Face models; "
-                "give a Jinja chat template (a tokenizer_config.json `chat_template`, over `messages`), "
-                "or leave `template` out to use the model's own",
-                param="template",
-            ) from None
         raise InvalidRequest(f"template: not a valid Jinja chat template: {exc}", param="template") from None
+
+
+def _compile(template: str) -> None:
+    """Compile as `apply_chat_template` does (transformers' sandbox and its `{% generation %}` tag)."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a private helper: plain sandboxed Jinja where it moved
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    else:
+        _compile_jinja_template(template)

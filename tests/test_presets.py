@@ -300,11 +300,19 @@ def test_create_errors_in_ollamas_format(client: TestClient, body: dict, status:
 def test_the_official_ollama_client_creates_and_uses_a_preset(
     install_model, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
-    """Over a real `bentoml serve` (the client needs a real socket)."""
+    """Over real `bentoml serve` replicas (the client needs a real socket) that share one database:
+    a preset created through one is served by the other."""
     install_model(tiny_llama_dir, LLAMA)
-    env = {"BACKEND": "transformers", "DATA_DIR": str(tmp_path / "data"), "BENTOML_HOME": str(tmp_path / "bentoml")}
-    with running_server(env, tmp_path / "server.log") as url:
-        sdk = ollama.Client(host=url)
+    env = {
+        "BACKEND": "transformers",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'shared' / 'jobs.db'}",
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+    }
+    with (
+        running_server({**env, "DATA_DIR": str(tmp_path / "a")}, tmp_path / "a.log") as url,
+        running_server({**env, "DATA_DIR": str(tmp_path / "b")}, tmp_path / "b.log") as other_url,
+    ):
+        sdk, other = ollama.Client(host=url), ollama.Client(host=other_url)
         assert sdk.create(model="pirate", from_=LLAMA, system=SYSTEM, parameters=PARAMETERS).status == "success"
         statuses = [p.status for p in sdk.create(model="sailor", from_="pirate", system="Sail.", stream=True)]
         assert statuses[0] == "reading model metadata" and statuses[-1] == "success"
@@ -315,11 +323,12 @@ def test_the_official_ollama_client_creates_and_uses_a_preset(
         explicit = sdk.chat(LLAMA, messages=[{"role": "system", "content": SYSTEM}, *USER], options=PARAMETERS)
         assert answer.eval_count == 7 and answer.prompt_eval_count == explicit.prompt_eval_count
         assert answer.message.content == explicit.message.content
+        assert other.chat("pirate", messages=USER).message.content == answer.message.content  # the other replica
         with pytest.raises(ollama.ResponseError) as err:
             sdk.create(model="ghost", from_="test-org/never-pulled")
         assert err.value.status_code == 404
         sdk.delete("sailor")
-        assert "sailor:latest" not in {m.model for m in sdk.list().models}
+        assert "sailor:latest" not in {m.model for m in other.list().models}
 
 
 def test_a_preset_survives_a_restart_and_is_preloaded(client: TestClient, serve) -> None:
