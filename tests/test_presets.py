@@ -331,10 +331,20 @@ def test_the_official_ollama_client_creates_and_uses_a_preset(
         assert "sailor:latest" not in {m.model for m in other.list().models}
 
 
-def test_a_preset_survives_a_restart_and_is_preloaded(client: TestClient, serve) -> None:
-    create(client, "pirate", system=SYSTEM, parameters=PARAMETERS)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """The default database (SQLite in DATA_DIR), or a real PostgreSQL one (DATABASE_URL)."""
+    return "" if request.param == "sqlite" else request.getfixturevalue("postgres").new_database()
+
+
+def test_a_preset_survives_a_restart_and_is_preloaded(
+    serve, install_model, tiny_llama_dir: Path, database_url: str
+) -> None:
+    install_model(tiny_llama_dir, LLAMA)
+    client = serve(BACKEND="transformers", DATABASE_URL=database_url)
+    create(client, "pirate", system=SYSTEM, parameters=PARAMETERS, messages=[{"role": "user", "content": "Ahoy"}])
     before = ollama_chat(client, "pirate", USER)
-    restarted = serve(BACKEND="transformers", PRELOAD_MODELS="pirate")  # the same DATA_DIR, a new process state
+    restarted = serve(BACKEND="transformers", DATABASE_URL=database_url, PRELOAD_MODELS="pirate")  # same database
     _wait_ready(restarted)
     assert [m["name"] for m in restarted.get("/api/ps").json()["models"]] == [f"{LLAMA}:latest"]  # its base
     assert restarted.get("/status").json()["preload"]["loaded"] == ["pirate"]
