@@ -53,6 +53,8 @@ async def build_preset(runtime: Runtime, body: CreateRequest) -> Preset:
     adapters = [parse_model_name(a).name for a in body.adapter_names()]
     if len(adapters) > 1:
         raise InvalidRequest("only one adapter is currently supported", param="adapters")  # Ollama's words
+    # An adapter is a model name served over its base (runners.presets.preset_model); whether it is
+    # pulled, and made for this preset's base, is for the adapter support to check here.
     if body.template:
         check_chat_template(body.template)
     quantize = body.quantize_request()
