@@ -68,7 +68,13 @@ async def messages(body: MessagesRequest, runtime: Runtime = Depends(get_runtime
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
         stop=list(body.stop_sequences or []),
-        defaulted=left_out(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, stop=body.stop_sequences),
+        defaulted=left_out(
+            max_tokens=body.max_tokens,  # required by Anthropic's API: always the request's
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            stop=body.stop_sequences,
+        ),
     )
     generation = await start_generation(
         runtime.pool, body.model, await _generation_request(body, options), presets=runtime.presets

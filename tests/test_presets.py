@@ -106,6 +106,7 @@ def test_every_dialect_serves_the_preset(client: TestClient) -> None:
     preset, explicit = anthropic("pirate"), anthropic(LLAMA, system=SYSTEM, temperature=0, top_k=20)
     assert preset["usage"] == explicit["usage"]
     assert preset["content"] == explicit["content"]
+    assert anthropic("pirate", max_tokens=3)["usage"]["output_tokens"] == 3  # the request's max_tokens wins
 
     def responses(model: str, **extra: object) -> dict:
         r = client.post("/v1/responses", json={"model": model, "input": "Why is the sky blue?", **extra})
