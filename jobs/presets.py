@@ -15,6 +15,7 @@ from sqlalchemy import JSON, Engine, Text
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from jobs.models import utcnow
+from jobs.store import create_tables
 
 
 class Preset(SQLModel, table=True):
@@ -43,7 +44,7 @@ class PresetStore:
         self.engine = engine
 
     def create_schema(self) -> None:
-        SQLModel.metadata.create_all(self.engine, tables=[Preset.__table__])  # type: ignore[list-item]
+        create_tables(self.engine, [Preset.__table__])
 
     def get(self, name: str) -> Preset | None:
         with Session(self.engine, expire_on_commit=False) as session:
