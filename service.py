@@ -103,5 +103,6 @@ class AIServer:
         await self.runtime.stop()
 
     async def __is_ready__(self) -> bool:
-        """BentoML's /readyz: the job database answers and, with DEVICE=cuda, CUDA works."""
+        """BentoML's /readyz: the job database answers, PRELOAD_MODELS are loaded (or failed) and,
+        with DEVICE=cuda, CUDA works."""
         return await self.runtime.ready()

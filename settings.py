@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     image_fetch_timeout: float = Field(10.0, gt=0, description="seconds to fetch one allow-listed image")
     # How long stored OpenAI Responses (`store: true`) are kept for `previous_response_id` and GET.
     responses_retention: float = Field(30 * 86400.0, gt=0, description="seconds a stored response is kept")
+    # Models (presets included) loaded at startup, in the background; readiness waits for them.
+    preload_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     @field_validator("model_q4_threshold_bytes", "model_memory_budget_bytes", "max_request_bytes", mode="before")
     @classmethod
@@ -160,6 +162,20 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: object) -> list[str]:
         return _split_list(value)
+
+    @field_validator("preload_models", mode="before")
+    @classmethod
+    def _model_names(cls, value: object) -> list[str]:
+        from errors import InvalidModelName
+        from runners.names import parse_model_name
+
+        names = []
+        for item in _split_list(value):
+            try:
+                names.append(parse_model_name(item).name)
+            except InvalidModelName as exc:
+                raise ValueError(exc.message) from None
+        return names
 
     @field_validator("tool_call_parsers", "reasoning_parsers", mode="before")
     @classmethod
@@ -204,6 +220,7 @@ class Settings(BaseSettings):
             "max_images_per_request": self.max_images_per_request,
             "image_url_allowlist": self.image_url_allowlist,
             "responses_retention_seconds": self.responses_retention,
+            "preload_models": self.preload_models,
         }
 
 

@@ -22,7 +22,7 @@ from api.deps import get_runtime
 from api.streaming import SSE_MEDIA_TYPE, started_stream, stream_generation
 from errors import ServerError
 from runners import structured
-from runners.base import GenerationRequest, OutputDelta, ResponseFormat, SamplingOptions
+from runners.base import GenerationRequest, OutputDelta, ResponseFormat, SamplingOptions, left_out
 from runners.generation import Completion, Generation, GenerationStats, start_generation
 from runtime import Runtime
 
@@ -53,7 +53,9 @@ async def _response_format(body: CountTokensRequest) -> ResponseFormat | None:
 @router.post("/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, runtime: Runtime = Depends(get_runtime)) -> dict[str, int]:
     """The prompt's tokens as the model's template renders it, tools included; nothing is generated."""
-    generation = await start_generation(runtime.pool, body.model, await _generation_request(body))
+    generation = await start_generation(
+        runtime.pool, body.model, await _generation_request(body), presets=runtime.presets
+    )
     await generation.close()
     return {"input_tokens": len(generation.prepared.token_ids)}
 
@@ -66,8 +68,17 @@ async def messages(body: MessagesRequest, runtime: Runtime = Depends(get_runtime
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
         stop=list(body.stop_sequences or []),
+        defaulted=left_out(
+            max_tokens=body.max_tokens,  # required by Anthropic's API: always the request's
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            stop=body.stop_sequences,
+        ),
     )
-    generation = await start_generation(runtime.pool, body.model, await _generation_request(body, options))
+    generation = await start_generation(
+        runtime.pool, body.model, await _generation_request(body, options), presets=runtime.presets
+    )
     message_id = f"msg_{uuid.uuid4().hex}"
     if body.stream:
         pieces = await started_stream(generation.stream())

@@ -18,7 +18,7 @@ from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_gene
 from api.strict_json import StrictJSONRoute
 from api.tool_schemas import ToolChoiceParam, ToolParam, tool_choice_value, tool_dicts
 from jobs.models import iso_utc
-from runners.base import GenerationRequest, OutputDelta, SamplingOptions
+from runners.base import GenerationRequest, OutputDelta, SamplingOptions, left_out
 from runners.generation import Generation, start_generation
 from runners.local_cache import list_local
 from runtime import Runtime
@@ -49,13 +49,17 @@ async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> An
     tools = tool_dicts(body.tools)
     request = GenerationRequest(
         messages=[m.for_template(i) for i, m in enumerate(body.messages)],
-        options=SamplingOptions(max_tokens=body.max_tokens, temperature=body.temperature),
+        options=SamplingOptions(
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            defaulted=left_out(**dict.fromkeys(body.model_fields_set & {"max_tokens", "temperature"}, True)),
+        ),
         tools=tools,
         tool_choice=tool_choice_value(body.tool_choice, tools),
         template_kwargs=thinking_switches(body.think),
         require_thinking=bool(body.think),
     )
-    generation = await start_generation(runtime.pool, body.model, request)
+    generation = await start_generation(runtime.pool, body.model, request, presets=runtime.presets)
     pieces = ChatPieces(show_thinking=body.think is not False)
     if body.stream:
         deltas = await started_stream(generation.stream())

@@ -19,16 +19,19 @@ from api.errors import stream_error
 from api.ollama_schemas import (
     ChatRequest,
     CopyRequest,
+    CreateRequest,
     EmbedRequest,
     GenerateRequest,
     LegacyEmbeddingsRequest,
     NamedModel,
     thinking_switches,
 )
+from api.presets import build_preset, creation_statuses, digest, renamed, show_fields, tagged
 from api.streaming import NDJSON_MEDIA_TYPE, started_stream, stream_generation
 from api.strict_json import StrictJSONRoute
 from errors import InvalidRequest, ModelNotFound
 from jobs.models import iso_utc
+from jobs.presets import Preset
 from runners.adapters import base_not_pulled, described_by
 from runners.base import GenerationRequest, OutputDelta, ToolCall, ToolCallDelta
 from runners.embedding import embed
@@ -39,6 +42,7 @@ from runners.model_info import ModelInfo, describe
 from runners.names import parse_model_name
 from runners.output_parsing import choose_parsers, merge_tool_calls
 from runners.pool import KeepAlive
+from runners.presets import resolve
 from runners.records import ModelSnapshot, Purpose
 from runtime import Runtime
 
@@ -94,7 +98,9 @@ async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Re
         fit_context=True,
         context_limit=body.options.num_ctx,
     )
-    generation = await start_generation(runtime.pool, body.model, request, keep_alive=keep_alive)
+    generation = await start_generation(
+        runtime.pool, body.model, request, keep_alive=keep_alive, presets=runtime.presets
+    )
     return await _respond(body.model, generation, body.stream, ChatPieces(body.think is not False))
 
 
@@ -121,7 +127,9 @@ async def generate(body: GenerateRequest, runtime: Runtime = Depends(get_runtime
         request.prompt = f"{body.system}\n\n{body.prompt}" if body.system else body.prompt
         request.template_kwargs = thinking_switches(body.think)
         request.require_thinking = bool(body.think)
-    generation = await start_generation(runtime.pool, body.model, request, keep_alive=keep_alive)
+    generation = await start_generation(
+        runtime.pool, body.model, request, keep_alive=keep_alive, presets=runtime.presets
+    )
     return await _respond(body.model, generation, body.stream, _GeneratePieces(body.think is not False))
 
 
@@ -235,12 +243,15 @@ async def _load_or_unload(
     runtime: Runtime, model: str, keep_alive: KeepAlive, empty: dict, purpose: Purpose = "generate"
 ) -> JSONResponse:
     """Ollama's convention: no prompt loads the model; no prompt with keep_alive 0 unloads it."""
-    await _local_or_404(model)
+    served = await resolve(runtime.presets, model)
+    await _local_or_404(served.files or served.name)
     if keep_alive == 0:
-        await runtime.pool.unload(model)
+        await runtime.pool.unload(served.name)
         reason = "unload"
     else:
-        lease = await runtime.pool.acquire(model, keep_alive=keep_alive, purpose=purpose)
+        lease = await runtime.pool.acquire(
+            served.name, quantize=served.quantize, keep_alive=keep_alive, purpose=purpose, files=served.files
+        )
         await lease.release()
         reason = "load"
     return JSONResponse({"model": model, "created_at": _now(), **empty, "done": True, "done_reason": reason})
@@ -252,7 +263,14 @@ async def _load_or_unload(
 @router.post("/api/embed")
 async def embed_texts(body: EmbedRequest, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     texts = [body.input] if isinstance(body.input, str) else body.input
-    result = await embed(runtime.pool, body.model, texts, truncate=body.truncate, keep_alive=body.keep_alive_seconds())
+    result = await embed(
+        runtime.pool,
+        body.model,
+        texts,
+        truncate=body.truncate,
+        keep_alive=body.keep_alive_seconds(),
+        presets=runtime.presets,
+    )
     vectors = result.vectors
     if body.dimensions:
         vectors = [_renormalized(v[: body.dimensions]) for v in vectors]
@@ -270,7 +288,14 @@ async def legacy_embeddings(body: LegacyEmbeddingsRequest, runtime: Runtime = De
     if not body.prompt:
         await _load_or_unload(runtime, body.model, body.keep_alive_seconds(), {}, purpose="embed")
         return {"embedding": []}
-    result = await embed(runtime.pool, body.model, [body.prompt], truncate=True, keep_alive=body.keep_alive_seconds())
+    result = await embed(
+        runtime.pool,
+        body.model,
+        [body.prompt],
+        truncate=True,
+        keep_alive=body.keep_alive_seconds(),
+        presets=runtime.presets,
+    )
     return {"embedding": result.vectors[0]}
 
 
@@ -320,18 +345,35 @@ _UNKNOWN_DETAILS = {
 }
 
 
+def _preset_entry(preset: Preset) -> dict[str, Any]:
+    """A preset as /api/tags lists it: its base model's size and details, its own name and digest."""
+    base = find_local(parse_model_name(preset.base))
+    details = {"format": "", "family": "", "families": [], "parameter_size": "", "quantization_level": ""}
+    entry = _model_entry(base) if base is not None else {"size": 0, "details": details}
+    entry["details"]["parent_model"] = tagged(preset.base)
+    return {
+        **entry,
+        "name": tagged(preset.name),
+        "model": tagged(preset.name),
+        "modified_at": iso_utc(preset.modified_at),
+        "digest": digest(preset),
+    }
+
+
+def _all_models(runtime: Runtime) -> list[dict[str, Any]]:
+    return [_model_entry(m) for m in list_local()] + [_preset_entry(p) for p in runtime.presets.list()]
+
+
 @router.get("/api/tags")
 async def tags(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     # `replica`: not Ollama's; says which replica answered when several share a model cache.
-    return {
-        "models": await asyncio.to_thread(lambda: [_model_entry(m) for m in list_local()]),
-        "replica": runtime.jobs.owner,
-    }
+    return {"models": await asyncio.to_thread(_all_models, runtime), "replica": runtime.jobs.owner}
 
 
 @router.post("/api/show")
 async def show(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
-    local = await _local_or_404(body.model)
+    preset = (await resolve(runtime.presets, body.model)).preset
+    local = await _local_or_404(preset.base if preset else body.model)
     source, parent = await asyncio.to_thread(described_by, local)
     if source is None:
         raise (
@@ -350,7 +392,7 @@ async def show(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> dic
     )
     # A LoRA adapter reads as Ollama writes one: its base, then the adapter.
     modelfile = f"FROM {parent}\nADAPTER {local.ref.tagged_name}\n" if parent else f"FROM {local.ref.tagged_name}\n"
-    return {
+    shown = {
         "modelfile": f"# Served by ai-server from the Hugging Face cache\n{modelfile}",
         "parameters": parameters,
         "template": info.chat_template or "",
@@ -359,6 +401,10 @@ async def show(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> dic
         "capabilities": info.capabilities(tools=parsers.tools, thinking=parsers.thinking),
         "modified_at": iso_utc(datetime.fromtimestamp(local.modified_at, timezone.utc)),
     }
+    if preset is not None:
+        shown.update(show_fields(preset), modified_at=iso_utc(preset.modified_at))
+        shown["details"]["parent_model"] = local.ref.tagged_name
+    return shown
 
 
 def _model_info(info: ModelInfo, local: LocalModel) -> dict[str, Any]:
@@ -402,6 +448,8 @@ def _running_entry(entry: ModelSnapshot, adapter: LocalModel | None = None) -> d
         expires = datetime.fromtimestamp(entry.last_used + entry.keep_alive, timezone.utc)
     info = describe(local)
     entry_json = _model_entry(adapter or local)
+    if adapter is None:
+        entry_json["name"] = entry_json["model"] = tagged(entry.name)  # a preset loaded on its own: its name
     entry_json["details"]["quantization_level"] = entry.precision.upper()  # as loaded
     size = adapter.size_bytes if adapter else entry.memory_bytes  # an adapter: its own weights
     return {
@@ -415,6 +463,10 @@ def _running_entry(entry: ModelSnapshot, adapter: LocalModel | None = None) -> d
 
 @router.delete("/api/delete")
 async def delete(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Response:
+    name = parse_model_name(body.model).name
+    if await asyncio.to_thread(runtime.presets.delete, name):  # a preset: its row only, never its base's files
+        await runtime.pool.unload(name)  # loaded under its own name only when it has its own precision
+        return Response(status_code=200)
     local = await _local_or_404(body.model)
     await runtime.pool.unload(local.ref.name)
     await asyncio.to_thread(delete_model, local.ref)
@@ -422,11 +474,30 @@ async def delete(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> R
 
 
 @router.post("/api/copy")
-async def copy(body: CopyRequest) -> Response:
-    source = await _local_or_404(body.source)
+async def copy(body: CopyRequest, runtime: Runtime = Depends(get_runtime)) -> Response:
     destination = parse_model_name(body.destination)
+    preset = (await resolve(runtime.presets, body.source)).preset
+    if preset is not None:
+        if await asyncio.to_thread(find_local, destination) is not None:
+            raise InvalidRequest(f"'{destination.name}' is a pulled model: copy to another name", param="destination")
+        await asyncio.to_thread(runtime.presets.put, renamed(preset, destination))
+        return Response(status_code=200)
+    source = await _local_or_404(body.source)
     await asyncio.to_thread(copy_model, source, destination)
+    await asyncio.to_thread(runtime.presets.delete, destination.name)  # a copy replaces a preset of that name
     return Response(status_code=200)
+
+
+@router.post("/api/create")
+async def create(body: CreateRequest, runtime: Runtime = Depends(get_runtime)) -> Response:
+    """Ollama's create, as a preset over a pulled model. Every check runs before the answer starts,
+    so a bad request gets its status code (as Ollama's errors before the first line do)."""
+    preset = await build_preset(runtime, body)
+    await asyncio.to_thread(runtime.presets.put, preset)
+    statuses = creation_statuses(preset)
+    if not body.stream:
+        return JSONResponse(statuses[-1])
+    return StreamingResponse(iter([_line(s) for s in statuses]), media_type=NDJSON_MEDIA_TYPE)
 
 
 # -- pull ----------------------------------------------------------------------------------------

@@ -6,13 +6,14 @@ runner does not use; supported ones are validated and an invalid value is a 400 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.tool_schemas import ToolChoiceParam, ToolParam, tool_choice_value, tool_dicts
 from errors import InvalidRequest
-from runners.base import ResponseFormat, SamplingOptions
+from runners.base import ResponseFormat, SamplingOptions, left_out
 from runners.images import image_part
 from runners.limits import (
     PENALTY_MAX,
@@ -24,6 +25,7 @@ from runners.limits import (
     TOP_K_MAX,
 )
 from runners.pool import DEFAULT, KeepAlive
+from runners.quantization import QuantizeRequest
 from settings import parse_duration
 
 # Ollama's defaults (docs/modelfile.md), used when a request leaves an option out.
@@ -53,24 +55,38 @@ class Options(BaseModel):
     def _one_stop(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
 
-    def sampling(self) -> SamplingOptions:
-        def pick(value: Any, default: Any) -> Any:
-            return default if value is None else value
+    def given(self) -> dict[str, Any]:
+        """The sampling settings these options set, by SamplingOptions' field names (a preset's defaults)."""
+        values = {
+            "max_tokens": self.num_predict,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "seed": self.seed,
+            "stop": self.stop,
+            "repeat_penalty": self.repeat_penalty,
+            "repeat_last_n": self.repeat_last_n,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "ignore_eos": self.ignore_eos or None,
+        }
+        given = {k: v for k, v in values.items() if v is not None}
+        if "max_tokens" in given and given["max_tokens"] < 0:  # -1: no limit, -2: fill the context
+            given["max_tokens"] = None
+        return given
 
-        return SamplingOptions(
-            max_tokens=None if self.num_predict is None or self.num_predict < 0 else self.num_predict,
-            temperature=pick(self.temperature, DEFAULT_TEMPERATURE),
-            top_p=pick(self.top_p, DEFAULT_TOP_P),
-            top_k=pick(self.top_k, DEFAULT_TOP_K),
-            min_p=pick(self.min_p, 0.0),
-            seed=self.seed,
-            stop=self.stop or [],
-            repeat_penalty=pick(self.repeat_penalty, DEFAULT_REPEAT_PENALTY),
-            repeat_last_n=pick(self.repeat_last_n, DEFAULT_REPEAT_LAST_N),
-            presence_penalty=pick(self.presence_penalty, 0.0),
-            frequency_penalty=pick(self.frequency_penalty, 0.0),
-            ignore_eos=self.ignore_eos,
+    def sampling(self) -> SamplingOptions:
+        given = self.given()
+        defaults = SamplingOptions(
+            max_tokens=None,
+            temperature=DEFAULT_TEMPERATURE,
+            top_p=DEFAULT_TOP_P,
+            top_k=DEFAULT_TOP_K,
+            repeat_penalty=DEFAULT_REPEAT_PENALTY,
+            repeat_last_n=DEFAULT_REPEAT_LAST_N,
         )
+        return dataclasses.replace(defaults, **given, defaulted=left_out(**dict.fromkeys(given, True)))
 
 
 class _ModelRequest(BaseModel):
@@ -219,3 +235,70 @@ class NamedModel(BaseModel):
 class CopyRequest(BaseModel):
     source: str
     destination: str
+
+
+# Ollama's quantization types (docs/api.md, "Create a Model") as this server's precision policy:
+# 4-bit is bitsandbytes nf4, half precision bf16/fp16; 8-bit types have no equivalent here.
+_QUANTIZE_TYPES: dict[str, QuantizeRequest] = {
+    **dict.fromkeys(("q4_k_m", "q4_k_s", "q4_0", "q4_1", "q4"), "q4"),
+    **dict.fromkeys(("f16", "fp16", "bf16"), "fp16"),
+    **dict.fromkeys(("f32", "fp32", "no"), "no"),
+}
+
+
+class CreateRequest(BaseModel):
+    """`POST /api/create` (Ollama's current API: the Modelfile's parts as fields)."""
+
+    model_config = ConfigDict(allow_inf_nan=False, populate_by_name=True)
+
+    model: str
+    from_: str | None = Field(None, alias="from")
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | list[str] | None = None  # adapter model names (a dict's keys)
+    template: str | None = None
+    license: str | list[str] | None = None
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[Message] | None = None
+    stream: bool = True
+    quantize: str | None = None
+    quantization: str | None = None  # the older spelling, still accepted by Ollama
+    modelfile: str | None = None  # removed from Ollama's API: refused with a pointer to the fields
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_is_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "model" not in data and "name" in data:
+            return {**data, "model": data["name"]}
+        return data
+
+    @field_validator("parameters")
+    @classmethod
+    def _valid_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The same validation as a request's `options`: a bad value is a 400 naming it."""
+        if value is None:
+            return None
+        from pydantic import ValidationError
+
+        try:
+            Options.model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(
+                "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            ) from None
+        return {**value, "stop": [value["stop"]]} if isinstance(value.get("stop"), str) else value
+
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters or [])
+
+    def quantize_request(self) -> QuantizeRequest | None:
+        """The precision asked for, in this server's terms; None: the base model's own policy."""
+        text = (self.quantize or self.quantization or "").strip()
+        if not text or text.lower() == "auto":
+            return None
+        if text.lower() not in _QUANTIZE_TYPES:
+            raise InvalidRequest(
+                f"unsupported quantization type {text}: use q4_K_M (4-bit, bitsandbytes nf4) or f16 (half precision)",
+                param="quantize",
+            )
+        return _QUANTIZE_TYPES[text.lower()]

@@ -12,6 +12,7 @@ import dataclasses
 import struct
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import timezone
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -23,9 +24,18 @@ from api.openai_schemas import ChatCompletionRequest, CompletionRequest, Embeddi
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
 from api.strict_json import StrictJSONRoute
 from errors import InvalidRequest, ModelNotFound
+from jobs.presets import Preset
 from runners import structured
 from runners.adapters import described_by
-from runners.base import GenerationRequest, OutputDelta, ResponseFormat, SamplingOptions, TokenLogprob, ToolCallDelta
+from runners.base import (
+    GenerationRequest,
+    OutputDelta,
+    ResponseFormat,
+    SamplingOptions,
+    TokenLogprob,
+    ToolCallDelta,
+    left_out,
+)
 from runners.embedding import embed
 from runners.generation import Completion, Generation, GenerationGroup, GenerationStats, start_generations
 from runners.limits import SEED_MIN
@@ -55,15 +65,27 @@ def _model_card(local: LocalModel) -> dict[str, Any]:
     return card
 
 
+def _preset_card(preset: Preset) -> dict[str, Any]:
+    created = preset.created_at if preset.created_at.tzinfo else preset.created_at.replace(tzinfo=timezone.utc)
+    return {"id": preset.name, "object": "model", "created": int(created.timestamp()), "owned_by": "ai-server"}
+
+
+def _all_cards(runtime: Runtime) -> list[dict[str, Any]]:
+    return [_model_card(m) for m in list_local()] + [_preset_card(p) for p in runtime.presets.list()]
+
+
 @router.get("/models")
-async def list_models() -> dict[str, Any]:
-    """The pulled models (the local cache), loaded or not."""
-    return {"object": "list", "data": [_model_card(m) for m in await asyncio.to_thread(list_local)]}
+async def list_models(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
+    """The pulled models (the local cache), loaded or not, and the presets made from them."""
+    return {"object": "list", "data": await asyncio.to_thread(_all_cards, runtime)}
 
 
 @router.get("/models/{model:path}")
-async def retrieve_model(model: str) -> dict[str, Any]:
+async def retrieve_model(model: str, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     ref = parse_model_name(model)
+    preset = await asyncio.to_thread(runtime.presets.get, ref.name)
+    if preset is not None:
+        return _preset_card(preset)
     local = await asyncio.to_thread(find_local, ref)
     if local is None:
         raise ModelNotFound(f"model '{ref.name}' does not exist here; pull it first (POST /pull)", param="model")
@@ -82,7 +104,7 @@ def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
     texts = [body.input] if isinstance(body.input, str) else body.input
-    result = await embed(runtime.pool, body.model, texts)
+    result = await embed(runtime.pool, body.model, texts, presets=runtime.presets)
     data = [
         {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
         for i, v in enumerate(result.vectors)
@@ -239,6 +261,19 @@ def _sampling(body: GenerationParams, max_tokens: int | None, sample: int) -> Sa
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         ignore_eos=body.ignore_eos,
+        defaulted=left_out(
+            max_tokens=getattr(body, "max_completion_tokens", None) or body.max_tokens,  # not the default 16
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            seed=body.seed,
+            stop=body.stop,
+            repeat_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            ignore_eos=body.ignore_eos or None,
+        ),
     )
 
 
@@ -264,7 +299,7 @@ async def _complete(
         for base in bases
         for sample in range(body.n)
     ]
-    group = await start_generations(runtime.pool, body.model, requests)
+    group = await start_generations(runtime.pool, body.model, requests, presets=runtime.presets)
     head = {
         "id": f"{shape.id_prefix}-{uuid.uuid4().hex}",
         "created": int(group.created_at.timestamp()),

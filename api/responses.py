@@ -28,7 +28,7 @@ from api.streaming import SSE_MEDIA_TYPE, started_stream, stream_generation
 from errors import NotFound, ServerError
 from jobs.responses_store import StoredResponse
 from runners import structured
-from runners.base import GenerationRequest, OutputDelta, ResponseFormat, SamplingOptions
+from runners.base import GenerationRequest, OutputDelta, ResponseFormat, SamplingOptions, left_out
 from runners.generation import Generation, start_generation
 from runtime import Runtime
 
@@ -55,6 +55,13 @@ async def create_response(body: ResponsesRequest, runtime: Runtime = Depends(get
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=max(body.top_k or 0, 0),
             seed=body.seed,
+            defaulted=left_out(
+                max_tokens=body.max_output_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                seed=body.seed,
+            ),
         ),
         response_format=await _response_format(body),
         tools=body.tool_list(),
@@ -62,7 +69,7 @@ async def create_response(body: ResponsesRequest, runtime: Runtime = Depends(get
         parallel_tool_calls=body.parallel_tool_calls,
         template_kwargs=body.template_kwargs(),
     )
-    generation = await start_generation(runtime.pool, body.model, request)
+    generation = await start_generation(runtime.pool, body.model, request, presets=runtime.presets)
     response = _Response(f"resp_{uuid.uuid4().hex}", body, generation)
     pieces = await started_stream(generation.stream())
 

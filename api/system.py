@@ -55,6 +55,7 @@ async def status(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
         ],
         "memory_in_use_bytes": pool.memory_in_use(),
         "failed_loads": pool.failed_loads(),
+        "preload": runtime.preload_status(),  # PRELOAD_MODELS: loaded at startup, or why not
         "config": runtime.settings.public(),
     }
 

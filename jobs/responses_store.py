@@ -16,6 +16,7 @@ from sqlalchemy import JSON, Engine, delete
 from sqlmodel import Field, Session, SQLModel, col
 
 from jobs.models import utcnow
+from jobs.store import create_tables
 
 
 class StoredResponse(SQLModel, table=True):
@@ -38,7 +39,7 @@ class ResponseStore:
         self.retention = timedelta(seconds=retention_seconds)
 
     def create_schema(self) -> None:
-        SQLModel.metadata.create_all(self.engine, tables=[StoredResponse.__table__])  # type: ignore[list-item]
+        create_tables(self.engine, [StoredResponse.__table__])  # replicas starting together: see create_tables
 
     def _cutoff(self) -> datetime:
         return datetime.now(timezone.utc) - self.retention

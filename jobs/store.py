@@ -18,6 +18,7 @@ Replicas coordinate only through the job rows:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,28 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def create_tables(engine: Engine, tables: list[Any], then: Callable[[Connection], None] | None = None) -> None:
+    """Create `tables` where missing (then run `then` in the same transaction); safe when several
+    replicas start together.
+
+    PostgreSQL serializes the creators with a transaction-scoped advisory lock (without it, two
+    concurrent CREATE TABLEs fail with UniqueViolation); SQLite's creators retry the loser.
+    """
+    for attempt in range(6):
+        try:
+            with engine.begin() as conn:
+                if engine.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+                SQLModel.metadata.create_all(conn, tables=tables)
+                if then is not None:
+                    then(conn)
+            return
+        except (OperationalError, IntegrityError, ProgrammingError):
+            if attempt == 5:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 class JobStore:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
@@ -64,23 +87,8 @@ class JobStore:
 
     # -- schema ------------------------------------------------------------------------------------
     def create_schema(self) -> None:
-        """Create (or bring up to date) the table; safe when several replicas start together.
-
-        PostgreSQL serializes the creators with a transaction-scoped advisory lock (without it, two
-        concurrent CREATE TABLEs fail with UniqueViolation); SQLite's creators retry the loser.
-        """
-        for attempt in range(6):
-            try:
-                with self.engine.begin() as conn:
-                    if self._postgres:
-                        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
-                    SQLModel.metadata.create_all(conn, tables=[PullJob.__table__])  # type: ignore[list-item]
-                    _add_missing_columns(conn)
-                return
-            except (OperationalError, IntegrityError, ProgrammingError):
-                if attempt == 5:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+        """Create (or bring up to date) the table; safe when several replicas start together."""
+        create_tables(self.engine, [PullJob.__table__], then=_add_missing_columns)  # type: ignore[list-item]
 
     def ping(self) -> None:
         """Raise unless the database answers (readiness)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -57,6 +58,16 @@ class SamplingOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False  # fixed-length outputs for benchmarks and tests
+    # The fields above that the request left out, filled with the dialect's defaults: a preset's
+    # parameters replace these (runners/presets.py), never a value the request set.
+    defaulted: frozenset[str] = frozenset()
+
+
+def left_out(**given: object) -> frozenset[str]:
+    """The SamplingOptions fields a request left to the dialect's defaults: all of them but those
+    given here with a value (None: not in the request)."""
+    fields = {f.name for f in dataclasses.fields(SamplingOptions)} - {"defaulted"}
+    return frozenset(fields - {name for name, value in given.items() if value is not None})
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,7 @@ class GenerationRequest:
     # Chat only: drop the oldest turns to fit the context (Ollama) instead of refusing (OpenAI, vLLM)
     fit_context: bool = False
     context_limit: int | None = None  # Ollama's num_ctx: a smaller context than the model's
+    chat_template: str | None = None  # a preset's Jinja chat template, used instead of the model's
 
 
 @dataclass

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from runners.pool import DEFAULT, KeepAlive, ModelPool
 from runners.prepare import prepare_embedding
+from runners.presets import PresetLookup, resolve
 
 
 @dataclass
@@ -24,10 +25,19 @@ class Embeddings:
 
 
 async def embed(
-    pool: ModelPool, model: str, texts: list[str], *, truncate: bool = False, keep_alive: KeepAlive = DEFAULT
+    pool: ModelPool,
+    model: str,
+    texts: list[str],
+    *,
+    truncate: bool = False,
+    keep_alive: KeepAlive = DEFAULT,
+    presets: PresetLookup | None = None,
 ) -> Embeddings:
     started = time.perf_counter_ns()
-    lease = await pool.acquire(model, keep_alive=keep_alive, purpose="embed")
+    served = await resolve(presets, model)  # a preset embeds with its model
+    lease = await pool.acquire(
+        served.name, quantize=served.quantize, keep_alive=keep_alive, purpose="embed", files=served.files
+    )
     try:
         runner = lease.runner
         # Blocking (tokenizers are CPU work): in a thread.

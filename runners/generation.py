@@ -21,6 +21,7 @@ from runners.images import decode_request_images, has_images
 from runners.output_parsing import OutputParser, merge_tool_calls
 from runners.pool import DEFAULT, KeepAlive, Lease, ModelPool
 from runners.prepare import prepare_prompt
+from runners.presets import PresetLookup, apply_preset, resolve
 from runners.records import GenerationStats
 
 __all__ = ["Completion", "Generation", "GenerationGroup", "GenerationStats", "start_generation", "start_generations"]
@@ -110,12 +111,22 @@ def gather(deltas: list[OutputDelta], generation: Generation) -> Completion:
 
 
 async def start_generation(
-    pool: ModelPool, model: str, request: GenerationRequest, *, keep_alive: KeepAlive = DEFAULT
+    pool: ModelPool,
+    model: str,
+    request: GenerationRequest,
+    *,
+    keep_alive: KeepAlive = DEFAULT,
+    presets: PresetLookup | None = None,
 ) -> Generation:
+    """Start generating for `request` with `model`: a pulled model, or a preset found in `presets`
+    (its settings are added to the request here, whatever the dialect)."""
     started = time.perf_counter_ns()
+    served = await resolve(presets, model)
+    if served.preset is not None:
+        request = apply_preset(served.preset, request)
     if has_images(request):  # a bad image is refused before any model loads
         request = await asyncio.to_thread(decode_request_images, request, pool.settings)
-    lease = await pool.acquire(model, keep_alive=keep_alive)
+    lease = await pool.acquire(served.name, quantize=served.quantize, keep_alive=keep_alive, files=served.files)
     try:
         prepared, parser = await asyncio.to_thread(_prepare, model, lease, request)
     except BaseException:
@@ -196,10 +207,17 @@ class GenerationGroup:
 
 
 async def start_generations(
-    pool: ModelPool, model: str, requests: list[GenerationRequest], *, keep_alive: KeepAlive = DEFAULT
+    pool: ModelPool,
+    model: str,
+    requests: list[GenerationRequest],
+    *,
+    keep_alive: KeepAlive = DEFAULT,
+    presets: PresetLookup | None = None,
 ) -> GenerationGroup:
     """Start one generation per request, together; if any cannot start, none is left holding a lease."""
-    tasks = [asyncio.create_task(start_generation(pool, model, r, keep_alive=keep_alive)) for r in requests]
+    tasks = [
+        asyncio.create_task(start_generation(pool, model, r, keep_alive=keep_alive, presets=presets)) for r in requests
+    ]
     try:
         await asyncio.gather(*tasks)
     except BaseException:

@@ -169,10 +169,13 @@ class ModelPool:
         quantize: QuantizeRequest = "auto",
         keep_alive: KeepAlive = DEFAULT,
         purpose: Purpose = "generate",
+        files: str | None = None,
     ) -> Lease:
         """Lease a runner of the model `name` that can do `purpose`, loading it first if needed.
-        Never downloads."""
+        `files`: the pulled model whose files load under `name` when `name` is not itself one (a
+        preset with a precision of its own). Never downloads."""
         ref = parse_model_name(name)
+        source = parse_model_name(files) if files is not None else ref
         started = time.perf_counter_ns()
         entry = self._loaded_for(ref.name, purpose)
         if entry is None and (adapter := await self.adapters.find(ref)) is not None:
@@ -180,7 +183,7 @@ class ModelPool:
                 raise InvalidRequest(f"'{ref.name}' is a LoRA adapter: embed with its base '{adapter.base.name}'")
             return await self._lease_adapter(adapter, quantize=quantize, keep_alive=keep_alive)
         while entry is None or entry.retired:  # retired: evicted by another load before we got it
-            entry = await self._load_shared(ref, quantize, purpose)
+            entry = await self._load_shared(ref, quantize, purpose, source)
         self._admit(entry)
         load_ns = 0 if started > entry.loaded_at_ns else time.perf_counter_ns() - started
         self._loaded.move_to_end(entry.key)
@@ -289,12 +292,14 @@ class ModelPool:
         return sum(e.memory_bytes for e in self._loaded.values())
 
     # -- loading ---------------------------------------------------------------------------
-    async def _load_shared(self, ref: ModelRef, quantize: QuantizeRequest, purpose: Purpose) -> LoadedModel:
-        local = await asyncio.to_thread(self.loader.find, ref)  # reads the cache: off the event loop
+    async def _load_shared(
+        self, ref: ModelRef, quantize: QuantizeRequest, purpose: Purpose, source: ModelRef
+    ) -> LoadedModel:
+        local = await asyncio.to_thread(self.loader.find, source)  # reads the cache: off the event loop
         if local is None:
             raise ModelNotFound(
-                f"model '{ref.name}' is not pulled; pull it first (POST /pull or /api/pull with "
-                f'{{"model": "{ref.name}"}})',
+                f"model '{source.name}' is not pulled; pull it first (POST /pull or /api/pull with "
+                f'{{"model": "{source.name}"}})',
                 param="model",
             )
         if purpose == "embed":

@@ -33,7 +33,7 @@ def prepare_prompt(
     text = render_prompt(tokenizer, request)
     ids, model_inputs = _encode(tokenizer, processor, text, request.messages, context)
     too_long = ids is None or len(ids) + 1 > context
-    if too_long and request.fit_context and request.messages and _has_template(tokenizer):
+    if too_long and request.fit_context and request.messages and _has_template(tokenizer, request):
         text, ids, model_inputs = _fit_messages(tokenizer, processor, request, context)
     if ids is None:
         fit_prompt(tokenizer, text, context)  # raises: longer in characters than the context can hold
@@ -75,7 +75,7 @@ def _check_can_see(tokenizer: Any, request: GenerationRequest, processor: Any) -
             "this model cannot see images (it is a text-only model): send text only, or use a vision model",
             param="messages",
         )
-    if not _has_template(tokenizer) or request.suffix is not None:
+    if not _has_template(tokenizer, request) or request.suffix is not None:
         raise InvalidRequest(
             "images need the model's chat template to place them; this request or model has none", param="messages"
         )
@@ -114,7 +114,7 @@ def render_prompt(tokenizer: Any, request: GenerationRequest, messages: list[dic
     messages = request.messages if messages is None else messages
     if request.suffix is not None:
         return _fill_in_the_middle(tokenizer, request.prompt or "", request.suffix)
-    if messages is not None and _has_template(tokenizer):
+    if messages is not None and _has_template(tokenizer, request):
         return _apply_template(tokenizer, messages, request)
     if request.prompt is not None:
         return request.prompt
@@ -122,14 +122,16 @@ def render_prompt(tokenizer: Any, request: GenerationRequest, messages: list[dic
     return "\n".join([*lines, "Assistant:"])
 
 
-def _has_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+def _has_template(tokenizer: Any, request: GenerationRequest) -> bool:
+    return bool(request.chat_template or getattr(tokenizer, "chat_template", None))
 
 
 def _apply_template(tokenizer: Any, messages: list[dict[str, Any]], request: GenerationRequest) -> str:
     from jinja2 import TemplateError
 
     kwargs = dict(request.template_kwargs)
+    if request.chat_template:
+        kwargs["chat_template"] = request.chat_template
     if request.tools and request.tool_choice != "none":
         kwargs["tools"] = request.tools
     try:

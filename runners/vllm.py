@@ -23,7 +23,16 @@ import psutil
 
 from errors import InvalidRequest, ServerError
 from runners.adapters import adapters_of, vllm_refusal
-from runners.base import Adapter, AdapterRefused, Chunk, FinishReason, PreparedPrompt, ResponseFormat, Runner, TokenLogprob
+from runners.base import (
+    Adapter,
+    AdapterRefused,
+    Chunk,
+    FinishReason,
+    PreparedPrompt,
+    ResponseFormat,
+    Runner,
+    TokenLogprob,
+)
 from runners.local_cache import LocalModel
 from runners.quantization import Precision
 from settings import Settings
