@@ -258,13 +258,40 @@ def test_a_quantized_preset_loads_on_its_own_beside_its_base(client: TestClient)
     assert [m["name"] for m in client.get("/api/ps").json()["models"]] == [f"{LLAMA}:latest"]  # unloaded
 
 
-def test_an_adapter_preset_runs_on_the_adapter_model(client: TestClient) -> None:
-    """Adapters are served as models of their own (over their base); a preset with one runs on it."""
-    create(client, "tuned", system=SYSTEM, adapters={"test-org/tiny-lora": "sha256:unused"})
+def test_an_adapter_preset_runs_on_the_adapter_model(
+    client: TestClient, install_model, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """Adapters are served as models of their own (over their base); a preset with one runs on it:
+    the same greedy answer as the adapter asked explicitly with the preset's system prompt."""
+    from tests.support.tiny_models import build_lora_adapter
+
+    adapter = build_lora_adapter(tiny_llama_dir, tmp_path / "lora", seed=3, base_name=LLAMA)
+    install_model(adapter, "test-org/tiny-lora")
+    create(client, "tuned", system=SYSTEM, parameters=PARAMETERS, adapters={"test-org/tiny-lora": "sha256:unused"})
     shown = client.post("/api/show", json={"model": "tuned"}).json()
     assert f"\nFROM {LLAMA}:latest\nADAPTER test-org/tiny-lora\n" in shown["modelfile"]
     r = client.post("/api/chat", json={"model": "tuned", "messages": USER, "stream": False})
-    assert r.status_code == 404 and "'test-org/tiny-lora' is not pulled" in r.json()["error"]
+    assert r.status_code == 200, r.text
+    explicit = client.post(
+        "/api/chat",
+        json={
+            "model": "test-org/tiny-lora",
+            "messages": [{"role": "system", "content": SYSTEM}, *USER],
+            "options": PARAMETERS,
+            "stream": False,
+        },
+    ).json()
+    base = client.post(
+        "/api/chat",
+        json={
+            "model": LLAMA,
+            "messages": [{"role": "system", "content": SYSTEM}, *USER],
+            "options": PARAMETERS,
+            "stream": False,
+        },
+    ).json()
+    assert r.json()["message"]["content"] == explicit["message"]["content"] != base["message"]["content"]
+    assert r.json()["prompt_eval_count"] == explicit["prompt_eval_count"]
 
 
 def test_a_preset_embeds_with_its_model(client: TestClient) -> None:
@@ -286,6 +313,12 @@ def test_a_preset_embeds_with_its_model(client: TestClient) -> None:
         ({"model": "x", "from": LLAMA, "parameters": {"top_p": "high"}}, 400, "top_p"),
         ({"model": LLAMA, "from": GPT2}, 400, "is a pulled model"),
         ({"model": "x", "from": LLAMA, "adapters": {"a/one": "", "a/two": ""}}, 400, "only one adapter"),
+        (
+            {"model": "x", "from": LLAMA, "adapters": {"a/never-pulled": ""}},
+            404,
+            "adapter 'a/never-pulled' is not pulled",
+        ),
+        ({"model": "x", "from": LLAMA, "adapters": {GPT2: ""}}, 400, "is not a LoRA adapter"),
         ({"model": "x", "from": LLAMA, "quantize": "q8_0"}, 400, "unsupported quantization type q8_0"),
         ({"model": "x", "from": LLAMA, "files": {"model.gguf": "sha256:00"}}, 400, "not supported here"),
         ({"model": "x", "modelfile": f"FROM {LLAMA}"}, 400, "`modelfile`"),
