@@ -233,7 +233,7 @@ def main() -> None:
                     ) as theirs:
                         results["rows"] += paired_vllm_rows(url, theirs, levels, args)
                 else:
-                    results["rows"] += http_rows(url, backend, "http", levels, args)
+                    results["rows"] += http_rows(url, backend, "http", levels, args, (*DIALECTS, "openai-json"))
                 results["single_stream_ttft"] += single_stream_rows(url, backend, args.ttft_samples)
                 results["memory"].append(server_memory(url, backend))
         if "transformers" in backends:

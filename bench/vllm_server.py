@@ -68,6 +68,10 @@ def vllm_own_server(
             env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
+            # A session of its own, as BentoML starts its worker: with the kernel's autogroup
+            # scheduling, CPU is shared between sessions first, so a server sharing the load
+            # generator's session would get less of the machine than ours.
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -51,7 +51,9 @@ GPU_MEMORY_SHARE = 0.9
 # shorter one (max_model_len=-1: vLLM fits the context to the cache).
 CPU_KV_CACHE_BYTES = 1 << 30
 # Whether vLLM skips compilation when ENFORCE_EAGER is unset. GPU: compiled with CUDA graphs (vLLM's
-# default). CPU: placeholder, chosen from bench/compile_start.py's numbers below.
+# default). CPU: eager. Measured by bench/compile_start.py on the 2-core CI machine kind (README,
+# Performance): compiling costs 127 s on the first start and still 70 s with its caches in DATA_DIR,
+# against 44 s eager, for 0.97x (1 stream) and 1.07x (8 streams) the eager tokens/s: it does not pay.
 EAGER_BY_DEFAULT = {"cuda": False, "cpu": True}
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}

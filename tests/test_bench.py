@@ -34,6 +34,8 @@ def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path: Path
         ("transformers", "http", "openai", 2),
         ("transformers", "http", "ollama", 1),
         ("transformers", "http", "ollama", 2),
+        ("transformers", "http", "openai-json", 1),
+        ("transformers", "http", "openai-json", 2),
         ("transformers", "one-at-a-time", "openai", 2),
     }
     assert all(r["tokens_per_second"] > 0 and r["ttft_p50_ms"] > 0 for r in results["rows"])
