@@ -27,8 +27,8 @@ from api.ollama_schemas import (
 )
 from api.streaming import NDJSON_MEDIA_TYPE, started_stream, stream_generation
 from api.strict_json import StrictJSONRoute
-from errors import InvalidRequest, ModelNotFound
-from jobs.models import iso_utc
+from errors import InvalidRequest, ModelNotFound, ServerError
+from jobs.models import UNFINISHED, PullJob, iso_utc
 from runners.base import GenerationRequest, OutputDelta, ToolCall, ToolCallDelta
 from runners.embedding import embed
 from runners.generation import Completion, Generation, GenerationStats, start_generation
@@ -404,8 +404,7 @@ async def pull(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Res
     ref = parse_model_name(body.model)
     job = await runtime.jobs.submit(ref, "auto", False)
     if not body.stream:
-        while (job := await runtime.jobs.get(job.id)).status in ("queued", "running"):
-            await asyncio.sleep(_PULL_POLL_SECONDS)
+        job = await _finished(runtime, job)
         if job.status != "succeeded":
             error = job.error or f"pull {job.status}"
             return JSONResponse({"error": error}, status_code=_pull_failure_status(error))
@@ -415,27 +414,46 @@ async def pull(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Res
         yield _line({"status": "pulling manifest"})
         last: tuple[int, int | None] | None = None
         current = job
-        while True:
-            current = await runtime.jobs.get(current.id)
-            if current.total_bytes and (current.completed_bytes, current.total_bytes) != last:
-                last = (current.completed_bytes, current.total_bytes)
-                yield _line(
-                    {
-                        "status": f"pulling {ref.name}",
-                        "digest": ref.name,
-                        "total": current.total_bytes,
-                        "completed": current.completed_bytes,
-                    }
-                )
-            if current.status not in ("queued", "running"):
-                break
-            await asyncio.sleep(_PULL_POLL_SECONDS)
+        try:
+            async for current in _job_states(runtime, job):
+                if current.total_bytes and (current.completed_bytes, current.total_bytes) != last:
+                    last = (current.completed_bytes, current.total_bytes)
+                    yield _line(
+                        {
+                            "status": f"pulling {ref.name}",
+                            "digest": ref.name,
+                            "total": current.total_bytes,
+                            "completed": current.completed_bytes,
+                        }
+                    )
+        except ServerError as exc:
+            yield stream_error(exc, "ollama")
+            return
         if current.status == "succeeded":
             yield _line({"status": "success"})
         else:
             yield _line({"error": current.error or f"pull {current.status}"})
 
     return StreamingResponse(progress(), media_type=NDJSON_MEDIA_TYPE)
+
+
+async def _job_states(runtime: Runtime, job: PullJob) -> AsyncIterator[PullJob]:
+    """The job's row, read again every poll interval until it has finished. Whichever replica claimed
+    the job runs it, so its row in the shared database is the one thing there is to watch."""
+    while True:
+        current = await runtime.jobs.get(job.id)
+        if current is None:  # removed meanwhile (finished and purged by a zero retention)
+            raise ServerError(f"pull job {job.id} disappeared before it finished")
+        yield current
+        if current.status not in UNFINISHED:
+            return
+        await asyncio.sleep(_PULL_POLL_SECONDS)
+
+
+async def _finished(runtime: Runtime, job: PullJob) -> PullJob:
+    async for state in _job_states(runtime, job):
+        job = state
+    return job
 
 
 def _pull_failure_status(error: str) -> int:

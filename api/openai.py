@@ -275,7 +275,9 @@ async def _complete(
     return {
         **head,
         "object": shape.object,
-        "choices": [shape.choice(i, c, _finish(c, g)) for i, (c, g) in enumerate(zip(done, group.generations))],
+        "choices": [
+            shape.choice(i, c, _finish(c, g)) for i, (c, g) in enumerate(zip(done, group.generations, strict=True))
+        ],
         "usage": _usage([c.stats for c in done], body.n),
     }
 

@@ -17,9 +17,11 @@ from sqlmodel import Field, Session, SQLModel, col
 
 from jobs.models import utcnow
 
+STORED_RESPONSES_TABLE = "stored_responses"
+
 
 class StoredResponse(SQLModel, table=True):
-    __tablename__ = "stored_responses"
+    __tablename__ = STORED_RESPONSES_TABLE
 
     id: str = Field(primary_key=True)  # resp_...
     model: str
@@ -38,7 +40,7 @@ class ResponseStore:
         self.retention = timedelta(seconds=retention_seconds)
 
     def create_schema(self) -> None:
-        SQLModel.metadata.create_all(self.engine, tables=[StoredResponse.__table__])  # type: ignore[list-item]
+        SQLModel.metadata.create_all(self.engine, tables=[SQLModel.metadata.tables[STORED_RESPONSES_TABLE]])
 
     def _cutoff(self) -> datetime:
         return datetime.now(timezone.utc) - self.retention
@@ -47,7 +49,7 @@ class ResponseStore:
         """Keep `row`, and drop the rows past retention."""
         with Session(self.engine) as session:
             expired = delete(StoredResponse).where(col(StoredResponse.created_at) < self._cutoff())
-            session.exec(expired)  # type: ignore[call-overload]
+            session.exec(expired)
             session.add(row)
             session.commit()
 

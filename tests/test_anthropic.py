@@ -79,7 +79,7 @@ def test_stream_text_and_events_in_anthropics_order(client) -> None:
     events = [block.split("\n") for block in raw.strip().split("\n\n")]
     names = [lines[0].removeprefix("event: ") for lines in events]
     payloads = [json.loads(lines[1].removeprefix("data: ")) for lines in events]
-    assert all(p["type"] == name for p, name in zip(payloads, names))
+    assert all(p["type"] == name for p, name in zip(payloads, names, strict=True))
     assert names[:3] == ["message_start", "content_block_start", "ping"]
     assert set(names[3:-3]) == {"content_block_delta"}
     assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]

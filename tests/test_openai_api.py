@@ -298,13 +298,13 @@ def test_embeddings_float_and_base64(client: openai.OpenAI, live: str, tokenizer
     vectors = [d.embedding for d in r.data]
     assert len(vectors[0]) == len(vectors[1]) == 64  # the tiny llama's hidden size
     assert all(math.isclose(math.hypot(*v), 1.0, rel_tol=1e-5) for v in vectors)
-    assert sum(a * b for a, b in zip(*vectors)) < 0.999  # different texts, different vectors
+    assert sum(a * b for a, b in zip(*vectors, strict=True)) < 0.999  # different texts, different vectors
     assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(tokenizer(t)["input_ids"]) for t in texts)
 
     floats = httpx.post(
         f"{live}/v1/embeddings", json={"model": TINY_LLAMA, "input": texts, "encoding_format": "float"}, timeout=60
     ).json()
-    for d, v in zip(floats["data"], vectors):
+    for d, v in zip(floats["data"], vectors, strict=True):
         assert d["object"] == "embedding" and d["embedding"] == pytest.approx(v, rel=1e-6)
     alone = client.embeddings.create(model=TINY_LLAMA, input=texts[0]).data[0].embedding
     assert alone == pytest.approx(vectors[0], abs=1e-5)  # padding in a batch changes nothing
@@ -392,7 +392,7 @@ def test_api_keys_raise_authentication_error(serve, install_model, tiny_llama_di
     assert [m.id for m in right.models.list().data] == [TINY_LLAMA]
 
 
-_FAULTY_MODELING = '''"""A test model that fails once its sequence grows past `fail_after` tokens (a mid-stream fault)."""
+_FAULTY_MODELING = '''"""A test model that fails once its sequence grows past `fail_after` tokens (mid-stream)."""
 
 from transformers import LlamaForCausalLM
 

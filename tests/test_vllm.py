@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import httpx
@@ -242,9 +243,7 @@ class TestBackendVllm:
             "stream": True,
         }
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-            events = [
-                json.loads(line.removeprefix("data: ")) for line, _ in zip(filter(None, r.iter_lines()), range(3))
-            ]
+            events = [json.loads(line.removeprefix("data: ")) for line in islice(filter(None, r.iter_lines()), 3)]
             assert all(event["choices"][0]["finish_reason"] is None for event in events), events
             assert running_engine().get_num_unfinished_requests() == 1
         deadline = time.monotonic() + 2  # ~16k tokens to go: only an abort frees the engine this soon

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -84,10 +85,8 @@ def kill_server(proc: subprocess.Popen) -> None:
     except psutil.NoSuchProcess:
         tree = []
     for p in tree:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(tree, timeout=10)
     proc.wait()
 
