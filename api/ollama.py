@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from api import ollama_response_models as response_models
 from api.deps import get_runtime
 from api.errors import stream_error
 from api.ollama_schemas import (
@@ -25,6 +26,7 @@ from api.ollama_schemas import (
     NamedModel,
     thinking_switches,
 )
+from api.openapi_docs import answers, errors
 from api.streaming import NDJSON_MEDIA_TYPE, started_stream, stream_generation
 from api.strict_json import StrictJSONRoute
 from errors import InvalidRequest, ModelNotFound, ServerError
@@ -40,7 +42,7 @@ from runners.output_parsing import choose_parsers, merge_tool_calls
 from runners.pool import KeepAlive, LoadedModel, Purpose
 from runtime import Runtime
 
-router = APIRouter(tags=["ollama"], route_class=StrictJSONRoute)
+router = APIRouter(tags=["ollama"], route_class=StrictJSONRoute, responses=errors(response_models.OllamaErrorResponse))
 
 # The Ollama API level this dialect follows; clients gate features on it.
 OLLAMA_API_VERSION = "0.12.6"
@@ -76,7 +78,7 @@ async def _local_or_404(name: str) -> LocalModel:
 # -- generation ----------------------------------------------------------------------------------
 
 
-@router.post("/api/chat")
+@router.post("/api/chat", responses=answers(response_models.OllamaChatResponse, stream=NDJSON_MEDIA_TYPE))
 async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Response:
     keep_alive = body.keep_alive_seconds()
     if not body.messages:
@@ -96,7 +98,7 @@ async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Re
     return await _respond(body.model, generation, body.stream, ChatPieces(body.think is not False))
 
 
-@router.post("/api/generate")
+@router.post("/api/generate", responses=answers(response_models.OllamaGenerateResponse, stream=NDJSON_MEDIA_TYPE))
 async def generate(body: GenerateRequest, runtime: Runtime = Depends(get_runtime)) -> Response:
     if body.images and (body.raw or body.suffix is not None):
         raise InvalidRequest(
@@ -247,7 +249,7 @@ async def _load_or_unload(
 # -- embeddings ----------------------------------------------------------------------------------
 
 
-@router.post("/api/embed")
+@router.post("/api/embed", responses=answers(response_models.OllamaEmbedResponse))
 async def embed_texts(body: EmbedRequest, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     texts = [body.input] if isinstance(body.input, str) else body.input
     result = await embed(runtime.pool, body.model, texts, truncate=body.truncate, keep_alive=body.keep_alive_seconds())
@@ -263,7 +265,7 @@ async def embed_texts(body: EmbedRequest, runtime: Runtime = Depends(get_runtime
     }
 
 
-@router.post("/api/embeddings")
+@router.post("/api/embeddings", responses=answers(response_models.OllamaEmbeddingsResponse))
 async def legacy_embeddings(body: LegacyEmbeddingsRequest, runtime: Runtime = Depends(get_runtime)) -> dict:
     if not body.prompt:
         await _load_or_unload(runtime, body.model, body.keep_alive_seconds(), {}, purpose="embed")
@@ -303,7 +305,7 @@ def _model_entry(local: LocalModel) -> dict[str, Any]:
     }
 
 
-@router.get("/api/tags")
+@router.get("/api/tags", responses=answers(response_models.OllamaTagsResponse))
 async def tags(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     # `replica`: not Ollama's; says which replica answered when several share a model cache.
     return {
@@ -312,7 +314,7 @@ async def tags(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     }
 
 
-@router.post("/api/show")
+@router.post("/api/show", responses=answers(response_models.OllamaShowResponse))
 async def show(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     local = await _local_or_404(body.model)
     info = await asyncio.to_thread(describe, local)
@@ -355,7 +357,7 @@ def _model_info(info: ModelInfo, local: LocalModel) -> dict[str, Any]:
     }
 
 
-@router.get("/api/ps")
+@router.get("/api/ps", responses=answers(response_models.OllamaPsResponse))
 async def running(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     return {"models": [_running_entry(entry) for entry in runtime.pool.loaded()], "replica": runtime.jobs.owner}
 
@@ -399,7 +401,7 @@ async def copy(body: CopyRequest) -> Response:
 # -- pull ----------------------------------------------------------------------------------------
 
 
-@router.post("/api/pull")
+@router.post("/api/pull", responses=answers(response_models.OllamaProgressResponse, stream=NDJSON_MEDIA_TYPE))
 async def pull(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Response:
     ref = parse_model_name(body.model)
     job = await runtime.jobs.submit(ref, "auto", False)
@@ -471,7 +473,7 @@ def _pull_failure_status(error: str) -> int:
 # -- server --------------------------------------------------------------------------------------
 
 
-@router.get("/api/version")
+@router.get("/api/version", responses=answers(response_models.OllamaVersionResponse))
 async def version() -> dict[str, str]:
     return {"version": OLLAMA_API_VERSION}
 

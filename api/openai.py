@@ -17,9 +17,11 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from api import openai_response_models as response_models
 from api.deps import get_runtime
 from api.errors import stream_error
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, GenerationParams
+from api.openapi_docs import answers, errors
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
 from api.strict_json import StrictJSONRoute
 from errors import InvalidRequest, ModelNotFound
@@ -33,7 +35,9 @@ from runners.names import parse_model_name
 from runners.output_parsing import finish_reason
 from runtime import Runtime
 
-router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJSONRoute)
+router = APIRouter(
+    prefix="/v1", tags=["openai"], route_class=StrictJSONRoute, responses=errors(response_models.OpenAIErrorResponse)
+)
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 
@@ -51,13 +55,13 @@ def _model_card(local: LocalModel) -> dict[str, Any]:
     }
 
 
-@router.get("/models")
+@router.get("/models", responses=answers(response_models.ModelList))
 async def list_models() -> dict[str, Any]:
     """The pulled models (the local cache), loaded or not."""
     return {"object": "list", "data": [_model_card(m) for m in await asyncio.to_thread(list_local)]}
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", responses=answers(response_models.Model))
 async def retrieve_model(model: str) -> dict[str, Any]:
     ref = parse_model_name(model)
     local = await asyncio.to_thread(find_local, ref)
@@ -75,7 +79,7 @@ def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
     return vector
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", responses=answers(response_models.CreateEmbeddingResponse))
 async def embeddings(body: EmbeddingRequest, runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
     texts = [body.input] if isinstance(body.input, str) else body.input
     result = await embed(runtime.pool, body.model, texts)
@@ -191,7 +195,12 @@ class _TextShape:
 _Shape = _ChatShape | _TextShape
 
 
-@router.post("/chat/completions")
+@router.post(
+    "/chat/completions",
+    responses=answers(
+        response_models.ChatCompletion, stream=SSE_MEDIA_TYPE, stream_model=response_models.ChatCompletionChunk
+    ),
+)
 async def chat_completions(body: ChatCompletionRequest, runtime: Runtime = Depends(get_runtime)) -> Any:
     base = GenerationRequest(
         messages=[m.for_template(i) for i, m in enumerate(body.messages)],
@@ -204,7 +213,7 @@ async def chat_completions(body: ChatCompletionRequest, runtime: Runtime = Depen
     return await _complete(runtime, body, [base], body.token_limit(), _ChatShape(body.include_reasoning))
 
 
-@router.post("/completions")
+@router.post("/completions", responses=answers(response_models.Completion, stream=SSE_MEDIA_TYPE))
 async def completions(body: CompletionRequest, runtime: Runtime = Depends(get_runtime)) -> Any:
     bases = [GenerationRequest(prompt=p, logprobs=body.logprob_count()) for p in body.prompts()]
     return await _complete(runtime, body, bases, body.token_limit(), _TextShape())
