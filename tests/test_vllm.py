@@ -9,10 +9,8 @@ MODEL_Q4_THRESHOLD_BYTES so it loads as bitsandbytes 4-bit, which vLLM cannot ru
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from itertools import islice
 from typing import TYPE_CHECKING
 
@@ -23,8 +21,8 @@ import pytest
 
 from runners.backend import choose_backend
 from runners.quantization import Precision, bf16_cpu_feature
-from tests.conftest import UNREACHABLE_HUB, chat_body, service_asgi_app
-from tests.support.server_process import free_port, running_server
+from tests.support.bodies import chat_body
+from tests.support.server_process import UNREACHABLE_HUB, in_process_server, running_server
 from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
 
 if TYPE_CHECKING:
@@ -75,29 +73,6 @@ def engine_processes() -> list[psutil.Process]:
 
 def model_entry(url: str, name: str) -> dict:
     return next(m for m in httpx.get(f"{url}/models").json()["models"] if m["model"] == name)
-
-
-@contextmanager
-def in_process_server(env: dict[str, str]) -> Iterator[str]:
-    """The service's own ASGI app under uvicorn in a thread: a real socket, the Runtime in reach."""
-    import uvicorn
-
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(service_asgi_app(), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, name="vllm-test-server", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            thread.join(timeout=120)
 
 
 def reference_embeddings(path: str, texts: list[str]) -> list[list[float]]:
