@@ -185,6 +185,17 @@ class TestBackendVllm:
         assert sample(7) == first
         assert sample(8) != first
 
+    def test_logprobs_are_each_sampled_token_with_the_best_alternatives(self, url: str) -> None:
+        body = chat_body(SMALL, "hi", max_tokens=6, ignore_eos=True, temperature=0, logprobs=True, top_logprobs=3)
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        entries = r.json()["choices"][0]["logprobs"]["content"]
+        assert len(entries) == r.json()["usage"]["completion_tokens"] == 6
+        for entry in entries:
+            best = [alternative["logprob"] for alternative in entry["top_logprobs"]]
+            assert len(best) == 3 and best == sorted(best, reverse=True), entry
+            assert entry["logprob"] == pytest.approx(best[0])  # greedy: the sampled token is the likeliest
+
     def test_json_schema_output_matches_the_schema(self, url: str) -> None:
         schema = {
             "type": "object",
