@@ -1,5 +1,5 @@
 """The fixtures every test module can use: tiny models in a private HF cache, and the real service
-app in-process (`serve`, from tests/support/server_process.py, the one server launcher).
+app in-process (`serve`; tests/support/server_process.py is the one server launcher).
 
 Nothing here mocks the server: `serve()` builds the BentoML service's own ASGI app (startup hooks,
 mounted routes, streaming) and tests talk HTTP to it. The Hugging Face Hub cannot exist on this
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.fixtures import local_hub, postgres, qwen_dir, tiny_gpt2_dir, tiny_llama_dir  # noqa: F401 - fixtures
-from tests.support.server_process import UNREACHABLE_HUB, serve  # noqa: F401 - a fixture
+from tests.support.fixtures import local_hub, postgres, qwen_dir, serve, tiny_gpt2_dir, tiny_llama_dir  # noqa: F401 - fixtures
+from tests.support.server_process import UNREACHABLE_HUB
 from tests.support.tiny_models import (
     build_broken_model,
     build_remote_code_model,

@@ -1,8 +1,8 @@
 """The one way tests start the real server, in two modes.
 
 - In process: the BentoML service's own ASGI app (`service_asgi_app`), started by the `serve`
-  fixture under a TestClient, or by `in_process_server` under uvicorn on a real socket; either way
-  the Runtime is in reach (`current_runtime`).
+  fixture (tests/support/fixtures.py) under a TestClient, or by `in_process_server` under uvicorn
+  on a real socket; either way the Runtime is in reach (`current_runtime`).
 - A subprocess: `bentoml serve` on a free loopback port (`running_server`, or `start_server` +
   `wait_healthy` + `stop_server` / `kill_server` for tests that restart or kill it).
 
@@ -19,15 +19,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-from starlette.testclient import TestClient
 
 from .tiny_models import install_into_hf_cache
 
@@ -61,34 +59,6 @@ def current_runtime() -> Any:
     return app.state.runtime
 
 
-@pytest.fixture
-def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hf_hub_cache: Path) -> Iterator[Callable[..., TestClient]]:
-    """Start the real service app in-process with extra environment settings; returns a client.
-
-    `serve(MAX_CACHE_MODELS="1")` → a TestClient whose startup hooks have run. Calling it again
-    stops the previous server first (one service instance per process, as in production), like a
-    restart. Stopped at teardown.
-    """
-    started: list[TestClient] = []
-
-    def stop_all() -> None:
-        while started:
-            started.pop().__exit__(None, None, None)
-
-    def start(**env: str) -> TestClient:
-        stop_all()
-        monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        client = TestClient(service_asgi_app())
-        client.__enter__()
-        started.append(client)
-        return client
-
-    yield start
-    stop_all()
-
-
 def in_process_env(root: Path, models: dict[str, Path], backend: str, **extra: str) -> dict[str, str]:
     """The environment of `in_process_server`: its models in a private HF cache, and every folder
     the server and vLLM write to inside `root`."""
@@ -111,6 +81,7 @@ def in_process_env(root: Path, models: dict[str, Path], backend: str, **extra: s
 @contextmanager
 def in_process_server(env: dict[str, str]) -> Iterator[str]:
     """The service's own ASGI app under uvicorn in a thread: a real socket, the Runtime in reach."""
+    import pytest  # here, not at the top: bench/ imports this module without pytest installed
     import uvicorn
 
     with pytest.MonkeyPatch.context() as patch:
