@@ -1,4 +1,5 @@
 # make serve: set up .venv and start the server on $(PORT). make test: set up and run every test.
+# make lint: ruff's rules and formatting over the tree, mypy over the product code (pyproject.toml).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 # machines (scripts/install-vllm.sh). VLLM=no leaves it out: every model then runs on transformers.
 VLLM ?= yes
 
-.PHONY: install install-test postgres serve test bench bento clean
+.PHONY: install install-test postgres serve lint test bench bento clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,11 @@ postgres:
 	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; \
 	fi
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: install-test postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

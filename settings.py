@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,7 +23,7 @@ MAX_DURATION_SECONDS = (2**63 - 1) / 1e9
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks
 
 
-def parse_duration(value: str | int | float) -> float | None:
+def parse_duration(value: object) -> float | None:
     """Parse an Ollama/Go-style keep-alive duration into seconds.
 
     Accepts numbers (seconds) and Go durations such as "5m", "1h30m", "250ms". A negative value
@@ -40,7 +41,7 @@ def parse_duration(value: str | int | float) -> float | None:
             body = text.lstrip("+-")
             parts = _DURATION_PART.findall(body)
             if not body or "".join(n + u for n, u in parts) != body:
-                raise ValueError(f"invalid duration {value!r}: use seconds or e.g. '5m', '1h', '30s'")
+                raise ValueError(f"invalid duration {value!r}: use seconds or e.g. '5m', '1h', '30s'") from None
             seconds = sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
     if not math.isfinite(seconds):
         raise ValueError(f"invalid duration {value!r}: must be a finite number of seconds")
@@ -65,7 +66,9 @@ def _split_list(value: object) -> list[str]:
         return []
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
-    return list(value)  # type: ignore[arg-type]
+    if isinstance(value, Iterable):
+        return list(value)
+    raise ValueError(f"expected a comma-separated list, got {value!r}")
 
 
 class Settings(BaseSettings):
@@ -143,17 +146,17 @@ class Settings(BaseSettings):
     @field_validator("keep_alive", mode="before")
     @classmethod
     def _keep_alive_duration(cls, value: object) -> float | None:
-        return None if value is None else parse_duration(value)  # type: ignore[arg-type]
+        return None if value is None else parse_duration(value)
 
     @field_validator("job_retention", mode="before")
     @classmethod
     def _retention_duration(cls, value: object) -> float | None:
-        return None if value is None else parse_duration(value)  # type: ignore[arg-type]
+        return None if value is None else parse_duration(value)
 
     @field_validator("responses_retention", mode="before")
     @classmethod
     def _responses_retention_duration(cls, value: object) -> float:
-        seconds = parse_duration(value)  # type: ignore[arg-type]
+        seconds = parse_duration(value)
         if seconds is None:
             raise ValueError("must be a positive duration (e.g. '720h'): stored responses cannot be kept forever")
         return seconds

@@ -175,9 +175,9 @@ class CountTokensRequest(BaseModel):
         """auto / any / tool / none as the server's auto / required / named / none."""
         if not self.tools:
             return "none"
+        if self.tool_choice is not None and self.tool_choice.type == "tool":
+            return {"type": "function", "function": {"name": self.tool_choice.name}}
         choice = self.tool_choice.type if self.tool_choice else "auto"
-        if choice == "tool":
-            return {"type": "function", "function": {"name": self.tool_choice.name}}  # type: ignore[union-attr]
         return {"any": "required"}.get(choice, choice)
 
     def parallel_tool_calls(self) -> bool | None:

@@ -9,12 +9,13 @@ from api.auth import ApiKeyMiddleware
 from api.body_limit import BodyLimitMiddleware
 from api.errors import ErrorPolicyMiddleware, install_error_handlers
 from api.json_body import JsonBodyMiddleware
+from api.openapi_docs import DocumentedApp
 from api.request_id import RequestIdMiddleware
 from api.request_metrics import RequestMetricsMiddleware
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="ai-server", docs_url="/docs", openapi_url="/openapi.json")
+    app = DocumentedApp(title="ai-server", docs_url="/docs", openapi_url="/openapi.json")
     # Each add wraps the ones before: the last added is the outermost.
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware)  # inside the key check: strangers are refused before any upload

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from api import ollama_response_models as response_models
 from api.deps import get_runtime
 from api.errors import stream_error
 from api.ollama_schemas import (
@@ -26,11 +27,12 @@ from api.ollama_schemas import (
     NamedModel,
     thinking_switches,
 )
+from api.openapi_docs import answers, errors
 from api.presets import build_preset, creation_statuses, digest, renamed, show_fields, tagged
 from api.streaming import NDJSON_MEDIA_TYPE, started_stream, stream_generation
 from api.strict_json import StrictJSONRoute
-from errors import InvalidRequest, ModelNotFound
-from jobs.models import iso_utc
+from errors import InvalidRequest, ModelNotFound, ServerError
+from jobs.models import UNFINISHED, PullJob, iso_utc
 from jobs.presets import Preset
 from runners.adapters import base_not_pulled, described_by
 from runners.base import GenerationRequest, OutputDelta, ToolCall, ToolCallDelta
@@ -46,7 +48,7 @@ from runners.presets import resolve
 from runners.records import ModelSnapshot, Purpose
 from runtime import Runtime
 
-router = APIRouter(tags=["ollama"], route_class=StrictJSONRoute)
+router = APIRouter(tags=["ollama"], route_class=StrictJSONRoute, responses=errors(response_models.OllamaErrorResponse))
 
 # The Ollama API level this dialect follows; clients gate features on it.
 OLLAMA_API_VERSION = "0.12.6"
@@ -82,7 +84,7 @@ async def _local_or_404(name: str) -> LocalModel:
 # -- generation ----------------------------------------------------------------------------------
 
 
-@router.post("/api/chat")
+@router.post("/api/chat", responses=answers(response_models.OllamaChatResponse, stream=NDJSON_MEDIA_TYPE))
 async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Response:
     keep_alive = body.keep_alive_seconds()
     if not body.messages:
@@ -104,7 +106,7 @@ async def chat(body: ChatRequest, runtime: Runtime = Depends(get_runtime)) -> Re
     return await _respond(body.model, generation, body.stream, ChatPieces(body.think is not False))
 
 
-@router.post("/api/generate")
+@router.post("/api/generate", responses=answers(response_models.OllamaGenerateResponse, stream=NDJSON_MEDIA_TYPE))
 async def generate(body: GenerateRequest, runtime: Runtime = Depends(get_runtime)) -> Response:
     if body.images and (body.raw or body.suffix is not None):
         raise InvalidRequest(
@@ -260,7 +262,7 @@ async def _load_or_unload(
 # -- embeddings ----------------------------------------------------------------------------------
 
 
-@router.post("/api/embed")
+@router.post("/api/embed", responses=answers(response_models.OllamaEmbedResponse))
 async def embed_texts(body: EmbedRequest, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     texts = [body.input] if isinstance(body.input, str) else body.input
     result = await embed(
@@ -283,7 +285,7 @@ async def embed_texts(body: EmbedRequest, runtime: Runtime = Depends(get_runtime
     }
 
 
-@router.post("/api/embeddings")
+@router.post("/api/embeddings", responses=answers(response_models.OllamaEmbeddingsResponse))
 async def legacy_embeddings(body: LegacyEmbeddingsRequest, runtime: Runtime = Depends(get_runtime)) -> dict:
     if not body.prompt:
         await _load_or_unload(runtime, body.model, body.keep_alive_seconds(), {}, purpose="embed")
@@ -364,13 +366,13 @@ def _all_models(runtime: Runtime) -> list[dict[str, Any]]:
     return [_model_entry(m) for m in list_local()] + [_preset_entry(p) for p in runtime.presets.list()]
 
 
-@router.get("/api/tags")
+@router.get("/api/tags", responses=answers(response_models.OllamaTagsResponse))
 async def tags(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     # `replica`: not Ollama's; says which replica answered when several share a model cache.
     return {"models": await asyncio.to_thread(_all_models, runtime), "replica": runtime.jobs.owner}
 
 
-@router.post("/api/show")
+@router.post("/api/show", responses=answers(response_models.OllamaShowResponse))
 async def show(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     preset = (await resolve(runtime.presets, body.model)).preset
     local = await _local_or_404(preset.base if preset else body.model)
@@ -427,7 +429,7 @@ def _model_info(info: ModelInfo, local: LocalModel) -> dict[str, Any]:
     }
 
 
-@router.get("/api/ps")
+@router.get("/api/ps", responses=answers(response_models.OllamaPsResponse))
 async def running(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     running = []
     for entry in runtime.pool.snapshot():
@@ -503,13 +505,12 @@ async def create(body: CreateRequest, runtime: Runtime = Depends(get_runtime)) -
 # -- pull ----------------------------------------------------------------------------------------
 
 
-@router.post("/api/pull")
+@router.post("/api/pull", responses=answers(response_models.OllamaProgressResponse, stream=NDJSON_MEDIA_TYPE))
 async def pull(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Response:
     ref = parse_model_name(body.model)
     job = await runtime.jobs.submit(ref, "auto", False)
     if not body.stream:
-        while (job := await runtime.jobs.get(job.id)).status in ("queued", "running"):
-            await asyncio.sleep(_PULL_POLL_SECONDS)
+        job = await _finished(runtime, job)
         if job.status != "succeeded":
             error = job.error or f"pull {job.status}"
             return JSONResponse({"error": error}, status_code=_pull_failure_status(error))
@@ -519,27 +520,46 @@ async def pull(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> Res
         yield _line({"status": "pulling manifest"})
         last: tuple[int, int | None] | None = None
         current = job
-        while True:
-            current = await runtime.jobs.get(current.id)
-            if current.total_bytes and (current.completed_bytes, current.total_bytes) != last:
-                last = (current.completed_bytes, current.total_bytes)
-                yield _line(
-                    {
-                        "status": f"pulling {ref.name}",
-                        "digest": ref.name,
-                        "total": current.total_bytes,
-                        "completed": current.completed_bytes,
-                    }
-                )
-            if current.status not in ("queued", "running"):
-                break
-            await asyncio.sleep(_PULL_POLL_SECONDS)
+        try:
+            async for current in _job_states(runtime, job):
+                if current.total_bytes and (current.completed_bytes, current.total_bytes) != last:
+                    last = (current.completed_bytes, current.total_bytes)
+                    yield _line(
+                        {
+                            "status": f"pulling {ref.name}",
+                            "digest": ref.name,
+                            "total": current.total_bytes,
+                            "completed": current.completed_bytes,
+                        }
+                    )
+        except ServerError as exc:
+            yield stream_error(exc, "ollama")
+            return
         if current.status == "succeeded":
             yield _line({"status": "success"})
         else:
             yield _line({"error": current.error or f"pull {current.status}"})
 
     return StreamingResponse(progress(), media_type=NDJSON_MEDIA_TYPE)
+
+
+async def _job_states(runtime: Runtime, job: PullJob) -> AsyncIterator[PullJob]:
+    """The job's row, read again every poll interval until it has finished. Whichever replica claimed
+    the job runs it, so its row in the shared database is the one thing there is to watch."""
+    while True:
+        current = await runtime.jobs.get(job.id)
+        if current is None:  # removed meanwhile (finished and purged by a zero retention)
+            raise ServerError(f"pull job {job.id} disappeared before it finished")
+        yield current
+        if current.status not in UNFINISHED:
+            return
+        await asyncio.sleep(_PULL_POLL_SECONDS)
+
+
+async def _finished(runtime: Runtime, job: PullJob) -> PullJob:
+    async for state in _job_states(runtime, job):
+        job = state
+    return job
 
 
 def _pull_failure_status(error: str) -> int:
@@ -557,7 +577,7 @@ def _pull_failure_status(error: str) -> int:
 # -- server --------------------------------------------------------------------------------------
 
 
-@router.get("/api/version")
+@router.get("/api/version", responses=answers(response_models.OllamaVersionResponse))
 async def version() -> dict[str, str]:
     return {"version": OLLAMA_API_VERSION}
 

@@ -18,9 +18,11 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from api import openai_response_models as response_models
 from api.deps import get_runtime
 from api.errors import stream_error
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, GenerationParams
+from api.openapi_docs import answers, errors
 from api.streaming import SSE_MEDIA_TYPE, sse_event, started_stream, stream_generation
 from api.strict_json import StrictJSONRoute
 from errors import InvalidRequest, ModelNotFound
@@ -44,7 +46,9 @@ from runners.names import parse_model_name
 from runners.output_parsing import finish_reason
 from runtime import Runtime
 
-router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJSONRoute)
+router = APIRouter(
+    prefix="/v1", tags=["openai"], route_class=StrictJSONRoute, responses=errors(response_models.OpenAIErrorResponse)
+)
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 
@@ -74,13 +78,13 @@ def _all_cards(runtime: Runtime) -> list[dict[str, Any]]:
     return [_model_card(m) for m in list_local()] + [_preset_card(p) for p in runtime.presets.list()]
 
 
-@router.get("/models")
+@router.get("/models", responses=answers(response_models.ModelList))
 async def list_models(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     """The pulled models (the local cache), loaded or not, and the presets made from them."""
     return {"object": "list", "data": await asyncio.to_thread(_all_cards, runtime)}
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", responses=answers(response_models.Model))
 async def retrieve_model(model: str, runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     ref = parse_model_name(model)
     preset = await asyncio.to_thread(runtime.presets.get, ref.name)
@@ -101,7 +105,7 @@ def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
     return vector
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", responses=answers(response_models.CreateEmbeddingResponse))
 async def embeddings(body: EmbeddingRequest, runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
     texts = [body.input] if isinstance(body.input, str) else body.input
     result = await embed(runtime.pool, body.model, texts, presets=runtime.presets)
@@ -217,7 +221,12 @@ class _TextShape:
 _Shape = _ChatShape | _TextShape
 
 
-@router.post("/chat/completions")
+@router.post(
+    "/chat/completions",
+    responses=answers(
+        response_models.ChatCompletion, stream=SSE_MEDIA_TYPE, stream_model=response_models.ChatCompletionChunk
+    ),
+)
 async def chat_completions(body: ChatCompletionRequest, runtime: Runtime = Depends(get_runtime)) -> Any:
     base = GenerationRequest(
         messages=[m.for_template(i) for i, m in enumerate(body.messages)],
@@ -230,7 +239,7 @@ async def chat_completions(body: ChatCompletionRequest, runtime: Runtime = Depen
     return await _complete(runtime, body, [base], body.token_limit(), _ChatShape(body.include_reasoning))
 
 
-@router.post("/completions")
+@router.post("/completions", responses=answers(response_models.Completion, stream=SSE_MEDIA_TYPE))
 async def completions(body: CompletionRequest, runtime: Runtime = Depends(get_runtime)) -> Any:
     bases = [GenerationRequest(prompt=p, logprobs=body.logprob_count()) for p in body.prompts()]
     return await _complete(runtime, body, bases, body.token_limit(), _TextShape())
@@ -314,7 +323,9 @@ async def _complete(
     return {
         **head,
         "object": shape.object,
-        "choices": [shape.choice(i, c, _finish(c, g)) for i, (c, g) in enumerate(zip(done, group.generations))],
+        "choices": [
+            shape.choice(i, c, _finish(c, g)) for i, (c, g) in enumerate(zip(done, group.generations, strict=True))
+        ],
         "usage": _usage([c.stats for c in done], body.n),
     }
 

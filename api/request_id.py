@@ -60,9 +60,10 @@ class RequestIdLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "x_request_id"):
-            record.x_request_id = _current.get()
-            if record.x_request_id is not None:
-                record.msg = f"{record.msg} [request_id={record.x_request_id}]"
+            request_id = _current.get()
+            record.__dict__["x_request_id"] = request_id  # an extra attribute, as logging's `extra=` sets them
+            if request_id is not None:
+                record.msg = f"{record.msg} [request_id={request_id}]"
         return True
 
 

@@ -184,9 +184,13 @@ class _Response:
             item["content"] = [{"type": "reasoning_text", "text": ""}]
         return events
 
-    def _where(self, content: bool = True) -> dict[str, Any]:
+    def _item(self) -> dict[str, Any]:
+        """The output item now open (`_add` opened one before any piece is written to it)."""
         assert self._open is not None
-        where = {"item_id": self._open["id"], "output_index": len(self.output) - 1}
+        return self._open
+
+    def _where(self, content: bool = True) -> dict[str, Any]:
+        where = {"item_id": self._item()["id"], "output_index": len(self.output) - 1}
         return {**where, "content_index": 0} if content else where
 
     def feed(self, piece: OutputDelta) -> list[dict[str, Any]]:
@@ -194,7 +198,7 @@ class _Response:
         if piece.reasoning:
             if self._open is None or self._open["type"] != "reasoning":
                 events += self._add({"id": _new_id("rs"), "type": "reasoning", "summary": [], "status": "in_progress"})
-            self._open["content"][0]["text"] += piece.reasoning  # type: ignore[index]
+            self._item()["content"][0]["text"] += piece.reasoning
             events.append({"type": "response.reasoning_text.delta", **self._where(), "delta": piece.reasoning})
         if piece.content:
             if self._open is None or self._open["type"] != "message":
@@ -207,7 +211,7 @@ class _Response:
                         "content": [],
                     }
                 )
-            self._open["content"][0]["text"] += piece.content  # type: ignore[index]
+            self._item()["content"][0]["text"] += piece.content
             events.append(
                 {"type": "response.output_text.delta", **self._where(), "delta": piece.content, "logprobs": []}
             )
@@ -225,7 +229,7 @@ class _Response:
                 )
                 self._open_call = call.index
             if call.arguments:
-                self._open["arguments"] += call.arguments  # type: ignore[index]
+                self._item()["arguments"] += call.arguments
                 events.append(
                     {"type": "response.function_call_arguments.delta", **self._where(False), "delta": call.arguments}
                 )

@@ -138,8 +138,8 @@ def input_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The input as the items GET /v1/responses/{id}/input_items lists: typed, with ids, text as parts."""
     raw = [{"role": "user", "content": value}] if isinstance(value, str) else value
     items = []
-    for item in raw:
-        item = {"type": "message", **item} if "type" not in item else dict(item)
+    for given in raw:
+        item: dict[str, Any] = {"type": "message", **given} if "type" not in given else dict(given)
         if item["type"] == "message":
             if isinstance(item.get("content"), str):
                 part = "output_text" if item.get("role") == "assistant" else "input_text"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, TypeVar
 
 from fastapi.responses import StreamingResponse
@@ -30,7 +30,7 @@ def sse_event(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def started_stream(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+async def started_stream(stream: AsyncGenerator[T, None]) -> AsyncIterator[T]:
     """Start `stream` and wait for its first item before any response byte is sent, so errors
     that come before output (prompt too long, no FIM tokens, a bad schema) keep a real status code."""
     try:

@@ -98,8 +98,9 @@ def markdown(results: dict[str, Any]) -> str:
     config, machine = results["config"], results["machine"]
     lines = [
         (
-            f"Model: random-weight Llama, {config['parameters'] / 1e6:.1f}M parameters; prompt {config['prompt_tokens']}"
-            f" tokens, {config['max_tokens']} output tokens per request; {config['repeats']} repeats (medians)."
+            f"Model: random-weight Llama, {config['parameters'] / 1e6:.1f}M parameters;"
+            f" prompt {config['prompt_tokens']} tokens, {config['max_tokens']} output tokens per request;"
+            f" {config['repeats']} repeats (medians)."
         ),
         f"Machine: {machine['description']}.",
         "",

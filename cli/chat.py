@@ -7,6 +7,7 @@ change the request; Ctrl-C stops an answer, Ctrl-D (or /bye) leaves.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,10 +139,8 @@ def run_once(server: Server, session: ChatSession, prompt: str) -> None:
 
 
 def interactive(server: Server, session: ChatSession) -> None:
-    try:
+    with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and history for input(), where the platform has it
-    except ImportError:
-        pass
     with err.status(f"loading {session.model}"):  # an empty chat loads the model, as `ollama run` does
         server.post("/api/chat", {"model": session.model, "messages": []}, model=session.model)
     while True:

@@ -11,6 +11,7 @@ from sqlmodel import Field, SQLModel
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 UNFINISHED: tuple[JobStatus, ...] = ("queued", "running")
+PULL_JOBS_TABLE = "pull_jobs"
 
 
 def utcnow() -> datetime:
@@ -30,7 +31,7 @@ def iso_utc(value: datetime) -> str:
 
 
 class PullJob(SQLModel, table=True):
-    __tablename__ = "pull_jobs"
+    __tablename__ = PULL_JOBS_TABLE
 
     id: str = Field(default_factory=lambda: str(uuid.uuid4()), primary_key=True)
     model: str = Field(index=True)  # canonical name: repo id, plus ":revision" when not the default

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -235,7 +236,7 @@ class Puller:
             active = _Active(job)
             self._active[job.id] = active
             active.task = asyncio.create_task(self._run(active), name=f"pull:{job.model}")
-            active.task.add_done_callback(lambda _t, job_id=job.id: self._done(job_id))
+            active.task.add_done_callback(functools.partial(self._done, job.id))
 
     async def _forget_started(self) -> None:
         """Stop counting as queued the jobs submitted here that a replica (maybe another) started."""
@@ -243,7 +244,7 @@ class Puller:
         statuses = await asyncio.to_thread(self.store.statuses, asked)
         self._waiting -= {job_id for job_id in asked if statuses.get(job_id) != "queued"}
 
-    def _done(self, job_id: str) -> None:
+    def _done(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._active.pop(job_id, None)
         if self._wake is not None:
             self._wake.set()  # a slot is free

@@ -18,9 +18,11 @@ from sqlmodel import Field, Session, SQLModel, col
 from jobs.models import utcnow
 from jobs.store import create_tables
 
+STORED_RESPONSES_TABLE = "stored_responses"
+
 
 class StoredResponse(SQLModel, table=True):
-    __tablename__ = "stored_responses"
+    __tablename__ = STORED_RESPONSES_TABLE
 
     id: str = Field(primary_key=True)  # resp_...
     model: str
@@ -39,7 +41,7 @@ class ResponseStore:
         self.retention = timedelta(seconds=retention_seconds)
 
     def create_schema(self) -> None:
-        create_tables(self.engine, [StoredResponse.__table__])  # replicas starting together: see create_tables
+        create_tables(self.engine, [SQLModel.metadata.tables[STORED_RESPONSES_TABLE]])  # replicas starting together
 
     def _cutoff(self) -> datetime:
         return datetime.now(timezone.utc) - self.retention
@@ -48,7 +50,7 @@ class ResponseStore:
         """Keep `row`, and drop the rows past retention."""
         with Session(self.engine) as session:
             expired = delete(StoredResponse).where(col(StoredResponse.created_at) < self._cutoff())
-            session.exec(expired)  # type: ignore[call-overload]
+            session.exec(expired)
             session.add(row)
             session.commit()
 

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, SQLModel, col, create_engine, delete, func, select
 
-from jobs.models import UNFINISHED, PullJob, active_key, utcnow
+from jobs.models import PULL_JOBS_TABLE, UNFINISHED, PullJob, active_key, utcnow
 from runners.names import parse_model_name
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -88,7 +88,7 @@ class JobStore:
     # -- schema ------------------------------------------------------------------------------------
     def create_schema(self) -> None:
         """Create (or bring up to date) the table; safe when several replicas start together."""
-        create_tables(self.engine, [PullJob.__table__], then=_add_missing_columns)  # type: ignore[list-item]
+        create_tables(self.engine, [SQLModel.metadata.tables[PULL_JOBS_TABLE]], then=_add_missing_columns)
 
     def ping(self) -> None:
         """Raise unless the database answers (readiness)."""
@@ -141,7 +141,7 @@ class JobStore:
         """Delete finished jobs that finished more than `older_than_seconds` ago (the retention)."""
         cutoff = utcnow() - timedelta(seconds=older_than_seconds)
         with Session(self.engine) as session:
-            result = session.exec(  # type: ignore[call-overload]
+            result = session.exec(
                 delete(PullJob).where(col(PullJob.status).in_(FINISHED), col(PullJob.finished_at) < cutoff)
             )
             session.commit()
@@ -155,7 +155,7 @@ class JobStore:
         """
         now = utcnow()
         candidate, other = aliased(PullJob, name="candidate"), aliased(PullJob, name="other")
-        busy_repo = exists().where(other.repo_lock == candidate.repo_id, other.id != candidate.id)
+        busy_repo = exists().where(col(other.repo_lock) == col(candidate.repo_id), col(other.id) != col(candidate.id))
         pick = (
             select(candidate.id).where(_claimable(candidate, now), ~busy_repo).order_by(candidate.created_at).limit(1)
         )
@@ -176,7 +176,7 @@ class JobStore:
                 started_at=now,
                 note=_note_on_claim(takeover_note),
             )
-            .returning(PullJob.id)
+            .returning(col(PullJob.id))
         )
         try:
             with self.engine.begin() as conn:
@@ -193,7 +193,7 @@ class JobStore:
             update(PullJob)
             .where(col(PullJob.id).in_(job_ids), col(PullJob.owner) == owner, col(PullJob.status) == "running")
             .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
-            .returning(PullJob.id)
+            .returning(col(PullJob.id))
         )
         with self.engine.begin() as conn:
             return set(conn.execute(stmt).scalars())
@@ -253,7 +253,7 @@ def _note_on_claim(takeover_note: Any) -> Any:
 def _add_missing_columns(conn: Connection) -> None:
     """Bring a job table made by an older version up to date: add new columns (nullable) and
     indexes, and fill the replica keys of the jobs it left unfinished."""
-    table = PullJob.__table__  # type: ignore[attr-defined]
+    table = SQLModel.metadata.tables[PULL_JOBS_TABLE]
     present = {c["name"] for c in inspect(conn).get_columns(table.name)}
     missing = [c for c in table.columns if c.name not in present]
     for column in missing:

@@ -23,6 +23,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
@@ -132,7 +133,7 @@ class Sequence:
         entry = TokenLogprob(self._tokenizer.decode([token]), float(logprobs[token]))
         if top:
             values, ids = torch.topk(logprobs, top)
-            entry.top = [(self._tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
+            entry.top = [(self._tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
         return entry
 
 
@@ -165,7 +166,7 @@ class KVBatch:
         width = max(self.mask.shape[1], other.mask.shape[1])
         self._pad_to(width)
         other._pad_to(width)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             mine.keys = torch.cat([mine.keys, theirs.keys])
             mine.values = torch.cat([mine.values, theirs.values])
         self.mask = torch.cat([self.mask, other.mask])
@@ -331,7 +332,7 @@ class BatchScheduler:
                     self._admit_together(text_only)
                     self._admitting = [s for s in self._admitting if s.model_inputs or s in text_only]
                 for sequence in list(self._admitting):
-                    self._guarded(lambda s=sequence: self._admit(s), [sequence])
+                    self._guarded(partial(self._admit, sequence), [sequence])
                     self._admitting.remove(sequence)  # now in a batch, or finished
                 self._drop_cancelled()
                 for batch in list(self._batches):

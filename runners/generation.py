@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -60,7 +60,7 @@ class Generation:
         """The function a named tool_choice forced, if any."""
         return self.parser.named_tool
 
-    async def stream(self) -> AsyncIterator[OutputDelta]:
+    async def stream(self) -> AsyncGenerator[OutputDelta, None]:
         """Parsed pieces of output (the last one carries the finish reason and counts); releases
         the model at the end."""
         generate_started = time.perf_counter_ns()
@@ -96,7 +96,7 @@ class Generation:
 
 
 def gather(deltas: list[OutputDelta], generation: Generation) -> Completion:
-    logprobs = [] if generation.request.logprobs is not None else None
+    logprobs: list[TokenLogprob] | None = [] if generation.request.logprobs is not None else None
     for delta in deltas:
         if logprobs is not None and delta.logprobs:
             logprobs.extend(delta.logprobs)
@@ -157,7 +157,7 @@ class GenerationGroup:
         self.created_at = generations[0].created_at
         self._pumps: list[asyncio.Task[None]] = []
 
-    async def stream(self) -> AsyncIterator[tuple[int, OutputDelta]]:
+    async def stream(self) -> AsyncGenerator[tuple[int, OutputDelta], None]:
         """Parsed pieces in arrival order; each generation's own pieces stay in order."""
         # Bounded: a slow reader holds the pumps back, and the engines merge what waits for them.
         queue: asyncio.Queue[tuple[int, OutputDelta | Exception | None]] = asyncio.Queue(maxsize=len(self.generations))
@@ -189,7 +189,7 @@ class GenerationGroup:
         deltas: list[list[OutputDelta]] = [[] for _ in self.generations]
         async for index, delta in self.stream():
             deltas[index].append(delta)
-        return [gather(pieces, generation) for pieces, generation in zip(deltas, self.generations)]
+        return [gather(pieces, generation) for pieces, generation in zip(deltas, self.generations, strict=True)]
 
     def stats(self) -> list[GenerationStats]:
         """Each generation's statistics, once all have finished."""

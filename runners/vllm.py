@@ -15,9 +15,9 @@ import asyncio
 import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import psutil
 
@@ -55,7 +55,11 @@ CPU_KV_CACHE_BYTES = 1 << 30
 # Performance): compiling costs 127 s on the first start and still 70 s with its caches in DATA_DIR,
 # against 44 s eager, for 0.97x (1 stream) and 1.07x (8 streams) the eager tokens/s: it does not pay.
 EAGER_BY_DEFAULT = {"cuda": False, "cpu": True}
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_DTYPES: dict[str, Literal["bfloat16", "float16", "float32"]] = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "fp32": "float32",
+}
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
 _SHUTDOWN_TIMEOUT = 30.0
 _LORA_IDS = itertools.count(1)  # vLLM wants a unique positive int per adapter
@@ -106,10 +110,7 @@ class VllmRunner(Runner):
         free_before = _cuda_free_bytes() if device == "cuda" else 0
         engine = AsyncLLM.from_engine_args(args)
         processes = [p for p in _children() if p.pid not in before and not _is_resource_tracker(p)]
-        if device == "cuda":
-            memory = free_before - _cuda_free_bytes()
-        else:
-            memory = sum(_rss(p) for p in processes)
+        memory = free_before - _cuda_free_bytes() if device == "cuda" else sum(_rss(p) for p in processes)
         return cls(model, precision, device, engine, processes, memory, settings)
 
     async def attach_adapter(self, adapter: Adapter) -> None:
@@ -292,12 +293,15 @@ def _structured_outputs(response_format: ResponseFormat | None) -> StructuredOut
     return StructuredOutputsParams(json=response_format.schema)
 
 
-def convert_logprobs(token_ids: list[int], entries: SampleLogprobs, top: int) -> list[TokenLogprob]:
+def convert_logprobs(token_ids: Sequence[int], entries: SampleLogprobs, top: int) -> list[TokenLogprob]:
     """vLLM's per-token {token_id: Logprob} (the sampled token plus the `top` best) as TokenLogprobs."""
     converted = []
-    for token_id, entry in zip(token_ids, entries):
+    for token_id, entry in zip(token_ids, entries, strict=True):  # vLLM gives each sampled token its entry
+        if entry is None:  # the type admits it for prompt positions; sampled ones always have one
+            raise ServerError("the vLLM engine returned a token without its logprobs")
         chosen = entry[token_id]
-        best = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= top), key=lambda lp: lp.rank)
+        by_rank = {lp.rank: lp for lp in entry.values() if lp.rank is not None and lp.rank <= top}
+        best = [by_rank[rank] for rank in sorted(by_rank)]
         converted.append(
             TokenLogprob(
                 chosen.decoded_token or "", chosen.logprob, [(lp.decoded_token or "", lp.logprob) for lp in best]

@@ -86,7 +86,7 @@ def check(model, device, modes):
             flush=True,
         )
         outs = asyncio.run(run(runner, [request(c) for c in colors]))
-        for c, o in zip(colors, outs):
+        for c, o in zip(colors, outs, strict=True):
             print(f"  images={c} -> prompt_tokens={o[1]} completion_tokens={o[2]} text={o[0]!r}")
         assert outs[0][0] == outs[1][0], "same image, same greedy answer"
         assert [o[1] for o in outs] == [outs[4][1] + 16 * len(c) for c in colors], "16 tokens per image"

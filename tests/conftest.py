@@ -1,29 +1,27 @@
-"""Shared fixtures: tiny models in a private HF cache, and the real service app in-process.
+"""The fixtures every test module can use: tiny models in a private HF cache, and the real service
+app in-process (`serve`; tests/support/server_process.py is the one server launcher).
 
 Nothing here mocks the server: `serve()` builds the BentoML service's own ASGI app (startup hooks,
 mounted routes, streaming) and tests talk HTTP to it. The Hugging Face Hub cannot exist on this
 machine, so models are built locally and placed in a temporary cache (or served by LocalHub).
+Helpers (constants, request bodies, launchers) live in tests/support, and tests import them from there.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from functools import lru_cache
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from starlette.testclient import TestClient
 
-from tests.support.fixtures import local_hub, postgres, qwen_dir, tiny_gpt2_dir, tiny_llama_dir  # noqa: F401 - fixtures
+from tests.support.fixtures import local_hub, postgres, qwen_dir, serve, tiny_gpt2_dir, tiny_llama_dir  # noqa: F401 - fixtures
+from tests.support.server_process import UNREACHABLE_HUB
 from tests.support.tiny_models import (
     build_broken_model,
     build_remote_code_model,
     install_into_hf_cache,
 )
-
-# Chat must never reach the network: point the Hub client at a closed loopback port by default.
-UNREACHABLE_HUB = "http://127.0.0.1:9"
 
 
 @pytest.fixture(scope="session")
@@ -54,52 +52,3 @@ def install_model(hf_hub_cache: Path) -> Callable[[Path, str], Path]:
         return install_into_hf_cache(src, hf_hub_cache, repo_id)
 
     return install
-
-
-@lru_cache(maxsize=1)
-def service_asgi_app():
-    """The BentoML service's ASGI app, built once: BentoML registers process-wide Prometheus
-    metrics when it builds the app. Each TestClient still runs the lifespan, which creates a fresh
-    service instance (and Runtime, reading the environment) per test."""
-    from service import AIServer
-
-    return AIServer.to_asgi()
-
-
-@pytest.fixture
-def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hf_hub_cache: Path) -> Iterator[Callable[..., TestClient]]:
-    """Start the real service app in-process with extra environment settings; returns a client.
-
-    `serve(MAX_CACHE_MODELS="1")` → a TestClient whose startup hooks have run. Calling it again
-    stops the previous server first (one service instance per process, as in production), like a
-    restart. Stopped at teardown.
-    """
-    started: list[TestClient] = []
-
-    def stop_all() -> None:
-        while started:
-            started.pop().__exit__(None, None, None)
-
-    def start(**env: str) -> TestClient:
-        stop_all()
-        monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        client = TestClient(service_asgi_app())
-        client.__enter__()
-        started.append(client)
-        return client
-
-    yield start
-    stop_all()
-
-
-def current_runtime():
-    """The running server's Runtime, for tests that check real memory release."""
-    from service import app
-
-    return app.state.runtime
-
-
-def chat_body(model: str, text: str = "hello", **extra: object) -> dict[str, object]:
-    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}

@@ -301,8 +301,7 @@ def test_api_keys_accept_x_api_key_and_bearer(serve, install_model, tiny_llama_d
 class TestOnVllm:
     @pytest.fixture(scope="class")
     def url(self, tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path):
-        from tests.support.server_env import in_process_env
-        from tests.test_vllm import in_process_server
+        from tests.support.server_process import in_process_env, in_process_server
 
         env = in_process_env(tmp_path_factory.mktemp("vllm-anthropic"), {QWEN: qwen_dir}, "vllm")
         with in_process_server(env) as url:

@@ -16,8 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import UNREACHABLE_HUB
-from tests.support.server_process import running_server
+from tests.support.server_process import UNREACHABLE_HUB, running_server
 from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
 
 MODEL = "test-org/tiny-llama"

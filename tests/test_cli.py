@@ -23,7 +23,7 @@ import pytest
 
 from tests.support.fixtures import TINY_GPT2, TINY_LLAMA
 from tests.support.hub_server import LocalHub
-from tests.support.server_process import ROOT, free_port, stop_server, wait_healthy
+from tests.support.server_process import ROOT, free_port, start_server, stop_server, wait_healthy
 from tests.support.tiny_models import install_into_hf_cache
 
 KEY = "cli-test-key"
@@ -87,14 +87,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tiny_
             "BACKEND": "transformers",
             "API_KEYS": KEY,
         }
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                cwd=ROOT,
-                env={**os.environ, **env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        proc = start_server(env, port, log, command=[sys.executable, "-m", "cli", "serve"])
         url = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(url, proc, log)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import chat_body
+from tests.support.bodies import chat_body
 
 LLAMA = "test-org/tiny-llama"
 
@@ -253,7 +253,7 @@ DEAD_END = {"type": "object", "properties": {"a": {"type": "string", "pattern": 
 def test_a_row_that_fails_leaves_the_batch_and_the_others_finish_as_alone(
     serve, install_model, tiny_llama_dir: Path
 ) -> None:
-    from tests.conftest import current_runtime
+    from tests.support.server_process import current_runtime
 
     install_model(tiny_llama_dir, LLAMA)
     client = serve(BACKEND="transformers")
@@ -389,7 +389,7 @@ def _wait_until(predicate, timeout: float = 15.0) -> bool:
 def test_the_keep_alive_reaper_survives_an_unload_that_raises(
     serve, install_model, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.conftest import current_runtime
+    from tests.support.server_process import current_runtime
 
     for name in (LLAMA, "test-org/second"):
         install_model(tiny_llama_dir, name)
@@ -413,7 +413,7 @@ def test_the_keep_alive_reaper_survives_an_unload_that_raises(
 def test_output_a_reader_has_not_taken_is_merged_not_queued(serve, install_model, tiny_llama_dir: Path) -> None:
     """The decode loop never waits for a slow reader: what it has not read merges into one chunk."""
     from runners.base import GenerationRequest, SamplingOptions
-    from tests.conftest import current_runtime
+    from tests.support.server_process import current_runtime
 
     install_model(tiny_llama_dir, LLAMA)
     client = serve(BACKEND="transformers")
@@ -433,7 +433,8 @@ def test_output_a_reader_has_not_taken_is_merged_not_queued(serve, install_model
 
         chunks = runner.generate(prepare_prompt(runner.tokenizer, request, runner.context_length))
         first = await anext(chunks)
-        while runner.batch_size():  # the whole generation finishes while nobody reads
+        # the whole generation finishes while nobody reads; the batching thread has no event to await
+        while runner.batch_size():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         return first, [chunk async for chunk in chunks]
 

@@ -10,8 +10,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import UNREACHABLE_HUB
-from tests.support.server_process import free_port, start_server, stop_server, wait_healthy
+from tests.support.server_process import UNREACHABLE_HUB, free_port, start_server, stop_server, wait_healthy
 from tests.support.tiny_models import install_into_hf_cache
 
 MODEL = "test-org/tiny-llama"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import chat_body
+from tests.support.bodies import chat_body
 
 MODEL = "test-org/tiny-llama"
 STRICT = "test-org/strict-template"  # a chat template that refuses non-alternating roles

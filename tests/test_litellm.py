@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import UNREACHABLE_HUB, chat_body
-from tests.support.server_process import running_server
+from tests.support.bodies import chat_body
+from tests.support.server_process import UNREACHABLE_HUB, running_server
 from tests.support.tiny_models import install_into_hf_cache
 
 # litellm fetches its model price list from GitHub at import unless told to use its bundled copy.

@@ -11,8 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import UNREACHABLE_HUB
-from tests.support.server_process import running_server
+from tests.support.server_process import UNREACHABLE_HUB, running_server
 from tests.support.tiny_models import install_into_hf_cache
 
 MODEL = "test-org/tiny-llama"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import runners.loader
-from tests.conftest import chat_body, current_runtime
+from tests.support.bodies import chat_body
+from tests.support.server_process import current_runtime
 
 A, B, C = "test-org/model-a", "test-org/model-b", "test-org/model-c"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import chat_body
+from tests.support.bodies import chat_body
 
 LLAMA = "test-org/tiny-llama"
 GPT2 = "test-org/tiny-gpt2"

@@ -1,6 +1,6 @@
 """OpenAI's API (/v1) driven by the official `openai` client and LangChain's ChatOpenAI.
 
-Most tests talk to the real server (`AIServer.serve_http`, its own worker process, a real socket);
+Most tests talk to the real server (`bentoml serve`, its own worker process, a real socket);
 tests that need a fresh server or its internals use the in-process `serve` fixture, with the openai
 client riding on its TestClient. Greedy (temperature 0) and seeded requests are deterministic, so
 streamed, non-streamed and LangChain answers can be compared exactly.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +21,8 @@ import pytest
 from langchain_openai import ChatOpenAI
 from transformers import AutoTokenizer
 
-from tests.conftest import UNREACHABLE_HUB, current_runtime
 from tests.support.fixtures import TINY_GPT2, TINY_LLAMA
+from tests.support.server_process import UNREACHABLE_HUB, current_runtime, running_server
 from tests.support.tiny_models import build_remote_code_model, install_into_hf_cache
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -36,41 +35,21 @@ ANSWER_SCHEMA = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tiny_gpt2_dir: Path) -> Iterator[str]:
-    """The real server with both tiny models pulled; yields its base URL."""
+    """The real server (`bentoml serve`) with both tiny models pulled; yields its base URL."""
     root = tmp_path_factory.mktemp("openai-live")
     for src, repo in ((tiny_llama_dir, TINY_LLAMA), (tiny_gpt2_dir, TINY_GPT2)):
         install_into_hf_cache(src, root / "hf" / "hub", repo)
-    env = {"HF_HOME": str(root / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, "DATA_DIR": str(root / "data")}
-    with pytest.MonkeyPatch.context() as patch:  # the worker process inherits these
-        for key, value in env.items():
-            patch.setenv(key, value)
-        patch.delenv("HF_HUB_CACHE", raising=False)
-        from service import AIServer
-
-        server = AIServer.serve_http(
-            port=_free_port(), host="127.0.0.1", threaded=True, bentoml_home=str(root / "bentoml")
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "server did not become healthy"
-                time.sleep(0.2)
-            yield server.url
-        finally:
-            server.stop()
+    env = {
+        "HF_HOME": str(root / "hf"),
+        "HF_HUB_CACHE": str(root / "hf" / "hub"),
+        "HF_ENDPOINT": UNREACHABLE_HUB,
+        "DATA_DIR": str(root / "data"),
+        "BENTOML_HOME": str(root / "bentoml"),
+    }
+    with running_server(env, root / "server.log") as url:
+        yield url
 
 
 @pytest.fixture
@@ -298,13 +277,13 @@ def test_embeddings_float_and_base64(client: openai.OpenAI, live: str, tokenizer
     vectors = [d.embedding for d in r.data]
     assert len(vectors[0]) == len(vectors[1]) == 64  # the tiny llama's hidden size
     assert all(math.isclose(math.hypot(*v), 1.0, rel_tol=1e-5) for v in vectors)
-    assert sum(a * b for a, b in zip(*vectors)) < 0.999  # different texts, different vectors
+    assert sum(a * b for a, b in zip(*vectors, strict=True)) < 0.999  # different texts, different vectors
     assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(tokenizer(t)["input_ids"]) for t in texts)
 
     floats = httpx.post(
         f"{live}/v1/embeddings", json={"model": TINY_LLAMA, "input": texts, "encoding_format": "float"}, timeout=60
     ).json()
-    for d, v in zip(floats["data"], vectors):
+    for d, v in zip(floats["data"], vectors, strict=True):
         assert d["object"] == "embedding" and d["embedding"] == pytest.approx(v, rel=1e-6)
     alone = client.embeddings.create(model=TINY_LLAMA, input=texts[0]).data[0].embedding
     assert alone == pytest.approx(vectors[0], abs=1e-5)  # padding in a batch changes nothing
@@ -392,7 +371,7 @@ def test_api_keys_raise_authentication_error(serve, install_model, tiny_llama_di
     assert [m.id for m in right.models.list().data] == [TINY_LLAMA]
 
 
-_FAULTY_MODELING = '''"""A test model that fails once its sequence grows past `fail_after` tokens (a mid-stream fault)."""
+_FAULTY_MODELING = '''"""A test model that fails once its sequence grows past `fail_after` tokens (mid-stream)."""
 
 from transformers import LlamaForCausalLM
 

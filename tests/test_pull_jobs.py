@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,14 +19,13 @@ import pytest
 
 from jobs.puller import describe_failure, ensure_free_space
 from runners.names import parse_model_name
-from tests.conftest import chat_body
+from tests.support.bodies import chat_body
 from tests.support.fixtures import TINY_GPT2, TINY_LLAMA
 from tests.support.hub_server import LocalHub
 from tests.support.repo_files import scan_repo
-from tests.support.server_process import kill_server
+from tests.support.server_process import free_port, kill_server, start_server, wait_healthy
 
 FINISHED = ("succeeded", "failed", "cancelled")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = "model.safetensors"
 
 
@@ -248,19 +245,13 @@ def test_jobs_interrupted_by_a_stop_resume_at_the_next_start(serve, local_hub: L
 
 
 # -- a real server process, killed mid-download ------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server_process(
     tmp_path: Path, local_hub: LocalHub
 ) -> Iterator[Callable[[], tuple[httpx.Client, subprocess.Popen]]]:
     """Start `bentoml serve` as a subprocess; returns a client once healthy, and the process."""
     procs: list[subprocess.Popen] = []
-    env = os.environ | {
+    env = {
         "DATA_DIR": str(tmp_path / "data"),
         "BENTOML_HOME": str(tmp_path / "bentoml"),
         "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -268,23 +259,12 @@ def server_process(
     }
 
     def start() -> tuple[httpx.Client, subprocess.Popen]:
-        port = _free_port()
-        log = tmp_path / f"server-{len(procs)}.log"
-        cmd = [sys.executable, "-m", "bentoml", "serve", "service:AIServer", "--host", "127.0.0.1", "--port", str(port)]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        port, log = free_port(), tmp_path / f"server-{len(procs)}.log"
+        proc = start_server(env, port, log)
         procs.append(proc)
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)  # a first chat loads the model
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if client.get("/health").status_code == 200:
-                    return client, proc
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, log)
+        return httpx.Client(base_url=url, timeout=120), proc  # a first chat loads the model
 
     yield start
     for proc in procs:

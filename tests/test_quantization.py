@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from runners.quantization import bf16_cpu_feature
-from tests.conftest import chat_body
+from tests.support.bodies import chat_body
 from tests.support.tiny_models import build_tiny_llama
 
 BF16_LLAMA = "test-org/tiny-llama-bf16"
@@ -30,7 +30,7 @@ def test_a_bf16_checkpoint_loads_as_this_cpu_allows(serve, install_model, bf16_l
         assert entry["quantization"] == "bf16" and feature in entry["quantization_reason"]
     else:
         assert entry["quantization"] == "fp32" and "no native bf16" in entry["quantization_reason"]
-    from tests.conftest import current_runtime
+    from tests.support.server_process import current_runtime
 
     weights = current_runtime().pool.get_loaded(BF16_LLAMA).runner.hf_model
     assert {str(p.dtype) for p in weights.parameters()} == {"torch.bfloat16" if feature else "torch.float32"}

@@ -359,8 +359,7 @@ def run_weather_agent(url: str, streamed: bool = False) -> None:
 class TestAgentsSdk:
     @pytest.fixture(scope="class")
     def url(self, tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path):
-        from tests.support.server_env import in_process_env
-        from tests.test_vllm import in_process_server
+        from tests.support.server_process import in_process_env, in_process_server
 
         env = in_process_env(tmp_path_factory.mktemp("agents"), {QWEN: qwen_dir}, "transformers")
         with in_process_server(env) as url:
@@ -376,8 +375,7 @@ class TestAgentsSdk:
 class TestOnVllm:
     @pytest.fixture(scope="class")
     def url(self, tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path):
-        from tests.support.server_env import in_process_env
-        from tests.test_vllm import in_process_server
+        from tests.support.server_process import in_process_env, in_process_server
 
         env = in_process_env(tmp_path_factory.mktemp("vllm-responses"), {QWEN: qwen_dir}, "vllm")
         with in_process_server(env) as url:

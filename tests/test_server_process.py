@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import UNREACHABLE_HUB, chat_body
-from tests.support.server_process import running_server
+from tests.support.bodies import chat_body
+from tests.support.server_process import UNREACHABLE_HUB, running_server
 from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
 
 MODEL = "test-org/tiny-llama"

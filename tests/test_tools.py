@@ -19,7 +19,7 @@ from runners.base import Chunk, GenerationRequest
 from runners.model_info import ModelInfo
 from runners.output_parsing import OutputParser, choose_parsers, merge_tool_calls
 from settings import Settings
-from tests.conftest import chat_body
+from tests.support.bodies import chat_body
 from tests.support.fixtures import TINY_LLAMA
 from tests.support.tiny_models import HERMES_TEMPLATE, LLAMA31_TEMPLATE, LLAMA31_TOKENS, build_tiny_llama
 from tests.support.tool_models import (
@@ -449,8 +449,7 @@ def test_parser_overrides_per_model() -> None:
 class TestOnVllm:
     @pytest.fixture(scope="class")
     def url(self, tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path):
-        from tests.support.server_env import in_process_env
-        from tests.test_vllm import in_process_server
+        from tests.support.server_process import in_process_env, in_process_server
 
         env = in_process_env(tmp_path_factory.mktemp("vllm-tools"), {QWEN: qwen_dir}, "vllm")
         with in_process_server(env) as url:

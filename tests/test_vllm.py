@@ -9,10 +9,9 @@ MODEL_Q4_THRESHOLD_BYTES so it loads as bitsandbytes 4-bit, which vLLM cannot ru
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,8 +22,8 @@ import pytest
 
 from runners.backend import choose_backend
 from runners.quantization import Precision, bf16_cpu_feature
-from tests.conftest import UNREACHABLE_HUB, chat_body, service_asgi_app
-from tests.support.server_process import free_port, running_server
+from tests.support.bodies import chat_body
+from tests.support.server_process import UNREACHABLE_HUB, in_process_server, running_server
 from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
 
 if TYPE_CHECKING:
@@ -76,29 +75,6 @@ def engine_processes() -> list[psutil.Process]:
 
 def model_entry(url: str, name: str) -> dict:
     return next(m for m in httpx.get(f"{url}/models").json()["models"] if m["model"] == name)
-
-
-@contextmanager
-def in_process_server(env: dict[str, str]) -> Iterator[str]:
-    """The service's own ASGI app under uvicorn in a thread: a real socket, the Runtime in reach."""
-    import uvicorn
-
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(service_asgi_app(), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, name="vllm-test-server", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            thread.join(timeout=120)
 
 
 def reference_embeddings(path: str, texts: list[str]) -> list[list[float]]:
@@ -229,6 +205,17 @@ class TestBackendVllm:
         assert sample(7) == first
         assert sample(8) != first
 
+    def test_logprobs_are_each_sampled_token_with_the_best_alternatives(self, url: str) -> None:
+        body = chat_body(SMALL, "hi", max_tokens=6, ignore_eos=True, temperature=0, logprobs=True, top_logprobs=3)
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        entries = r.json()["choices"][0]["logprobs"]["content"]
+        assert len(entries) == r.json()["usage"]["completion_tokens"] == 6
+        for entry in entries:
+            best = [alternative["logprob"] for alternative in entry["top_logprobs"]]
+            assert len(best) == 3 and best == sorted(best, reverse=True), entry
+            assert entry["logprob"] == pytest.approx(best[0])  # greedy: the sampled token is the likeliest
+
     def test_json_schema_output_matches_the_schema(self, url: str) -> None:
         schema = {
             "type": "object",
@@ -262,9 +249,7 @@ class TestBackendVllm:
             "stream": True,
         }
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-            events = [
-                json.loads(line.removeprefix("data: ")) for line, _ in zip(filter(None, r.iter_lines()), range(3))
-            ]
+            events = [json.loads(line.removeprefix("data: ")) for line in islice(filter(None, r.iter_lines()), 3)]
             assert all(event["choices"][0]["finish_reason"] is None for event in events), events
             assert running_engine().get_num_unfinished_requests() == 1
         deadline = time.monotonic() + 2  # ~16k tokens to go: only an abort frees the engine this soon

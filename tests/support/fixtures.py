@@ -1,15 +1,17 @@
-"""Pytest fixtures over the tiny models and the local Hub; import the ones a test module needs."""
+"""Pytest fixtures: the tiny models, the local Hub, PostgreSQL, and the in-process server (`serve`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import huggingface_hub
 import pytest
+from starlette.testclient import TestClient
 
 from .hub_server import LocalHub
 from .postgres import PostgresServer
+from .server_process import service_asgi_app
 from .tiny_models import HERMES_TEMPLATE, HERMES_TOKENS, build_tiny_gpt2, build_tiny_llama
 
 TINY_LLAMA = "test-org/tiny-llama"
@@ -69,3 +71,31 @@ def postgres() -> Iterator[PostgresServer]:
     server = PostgresServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hf_hub_cache: Path) -> Iterator[Callable[..., TestClient]]:
+    """Start the real service app in-process with extra environment settings; returns a client.
+
+    `serve(MAX_CACHE_MODELS="1")` → a TestClient whose startup hooks have run. Calling it again
+    stops the previous server first (one service instance per process, as in production), like a
+    restart. Stopped at teardown.
+    """
+    started: list[TestClient] = []
+
+    def stop_all() -> None:
+        while started:
+            started.pop().__exit__(None, None, None)
+
+    def start(**env: str) -> TestClient:
+        stop_all()
+        monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        client = TestClient(service_asgi_app())
+        client.__enter__()
+        started.append(client)
+        return client
+
+    yield start
+    stop_all()
