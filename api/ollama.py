@@ -350,8 +350,7 @@ _UNKNOWN_DETAILS = {
 def _preset_entry(preset: Preset) -> dict[str, Any]:
     """A preset as /api/tags lists it: its base model's size and details, its own name and digest."""
     base = find_local(parse_model_name(preset.base))
-    details = {"format": "", "family": "", "families": [], "parameter_size": "", "quantization_level": ""}
-    entry = _model_entry(base) if base is not None else {"size": 0, "details": details}
+    entry: dict[str, Any] = _model_entry(base) if base is not None else {"size": 0, "details": dict(_UNKNOWN_DETAILS)}
     entry["details"]["parent_model"] = tagged(preset.base)
     return {
         **entry,
@@ -394,7 +393,7 @@ async def show(body: NamedModel, runtime: Runtime = Depends(get_runtime)) -> dic
     )
     # A LoRA adapter reads as Ollama writes one: its base, then the adapter.
     modelfile = f"FROM {parent}\nADAPTER {local.ref.tagged_name}\n" if parent else f"FROM {local.ref.tagged_name}\n"
-    shown = {
+    shown: dict[str, Any] = {
         "modelfile": f"# Served by ai-server from the Hugging Face cache\n{modelfile}",
         "parameters": parameters,
         "template": info.chat_template or "",

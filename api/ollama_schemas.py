@@ -71,7 +71,7 @@ class Options(BaseModel):
             "frequency_penalty": self.frequency_penalty,
             "ignore_eos": self.ignore_eos or None,
         }
-        given = {k: v for k, v in values.items() if v is not None}
+        given: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
         if "max_tokens" in given and given["max_tokens"] < 0:  # -1: no limit, -2: fill the context
             given["max_tokens"] = None
         return given

@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import httpx
-from tests.support.server_env import in_process_env
 
 from bench.loadgen import _one
-from tests.support.server_process import running_server
+from tests.support.server_process import in_process_env, running_server
 from tests.support.tiny_models import build_lora_adapter, build_tiny_llama
 
 BASE, ADAPTERS = "bench/lora-base", ("bench/lora-a", "bench/lora-b")

@@ -44,7 +44,7 @@ class PresetStore:
         self.engine = engine
 
     def create_schema(self) -> None:
-        create_tables(self.engine, [Preset.__table__])
+        create_tables(self.engine, [SQLModel.metadata.tables[Preset.__tablename__]])
 
     def get(self, name: str) -> Preset | None:
         with Session(self.engine, expire_on_commit=False) as session:

@@ -336,7 +336,8 @@ class BatchScheduler:
                     self._admitting.remove(sequence)  # now in a batch, or finished
                 self._drop_cancelled()
                 for batch in list(self._batches):
-                    self._guarded(lambda b=batch: b.step(self._model, **self._adapter_names(b.rows)), batch.rows)
+                    step = partial(batch.step, self._model, **self._adapter_names(batch.rows))
+                    self._guarded(step, batch.rows)
                 self._batches = [b for b in self._batches if b.rows]
 
     def _guarded(self, work: Callable[[], None], rows: list[Sequence]) -> None:

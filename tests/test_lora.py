@@ -20,10 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import current_runtime
 from tests.support.hub_server import LocalHub
-from tests.support.server_env import in_process_env
-from tests.support.server_process import ROOT
+from tests.support.server_process import ROOT, current_runtime, in_process_env
 from tests.support.tiny_models import build_lora_adapter, build_tiny_llama
 
 BASE = "test-org/lora-base"
@@ -188,7 +186,7 @@ def test_an_adapter_whose_base_is_not_pulled_fails_before_downloading(serve, hub
 
 def test_the_cli_pulls_an_adapter_after_its_base_and_says_which_base_is_missing(hub: LocalHub, tmp_path: Path) -> None:
     """`ai-server pull` against a real socket: the adapter's job error is the CLI's error."""
-    from tests.test_vllm import in_process_server
+    from tests.support.server_process import in_process_server
 
     env = {"HF_HOME": str(tmp_path / "hf"), "DATA_DIR": str(tmp_path / "data"), "BACKEND": "transformers"}
     with in_process_server({**env, "HF_ENDPOINT": hub.endpoint}) as url:
@@ -213,7 +211,7 @@ def test_the_cli_pulls_an_adapter_after_its_base_and_says_which_base_is_missing(
 @pytest.fixture(scope="module")
 def vllm_url(repos: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One in-process server with BACKEND=auto on a real socket, the base and adapters in its cache."""
-    from tests.test_vllm import in_process_server
+    from tests.support.server_process import in_process_server
 
     root = tmp_path_factory.mktemp("lora-vllm")
     models = {repo_id: repos[repo_id] for repo_id in (BASE, ADAPTER_A, ADAPTER_B, WIDE)}
