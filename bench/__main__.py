@@ -25,6 +25,7 @@ from bench.baselines import run_baseline, server_dtype
 from bench.loadgen import DIALECTS, LoadResult, run_round, server_ttft, single_stream_ttfts, summarize
 from bench.plot import render
 from bench.report import markdown, targets, write_json
+from bench.server_env import bench_server_env
 from bench.vllm_server import vllm_own_server
 from tests.support.server_process import running_server
 from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
@@ -206,15 +207,7 @@ def main() -> None:
             "single_stream_ttft": [],
             "memory": [],
         }
-        base_env = {
-            "HF_HOME": str(root / "hf"),
-            "HF_ENDPOINT": "http://127.0.0.1:9",
-            "DATA_DIR": str(root / "data"),
-            "BENTOML_HOME": str(root / "bentoml"),
-            "MAX_BATCH_SIZE": str(max(levels)),
-            "MAX_QUEUE": "256",
-            "KEEP_ALIVE": "-1",
-        }
+        base_env = bench_server_env(root, max(levels))
         for backend in backends:
             server_env = {**base_env, "BACKEND": backend}
             measure = (args.max_tokens, args.repeats, args.ttft_samples, levels)

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from bench.loadgen import run_round
+from bench.server_env import bench_server_env
 from bench.versus_vllm import MODEL, PROMPT, build_model
 from tests.support.server_process import running_server
 
@@ -60,16 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-compile-") as tmp:
         root = Path(tmp)
         build_model(root, args)
-        env = {
-            "HF_HOME": str(root / "hf"),
-            "HF_ENDPOINT": "http://127.0.0.1:9",
-            "DATA_DIR": str(root / "data"),
-            "BENTOML_HOME": str(root / "bentoml"),
-            "MAX_BATCH_SIZE": str(max(levels)),
-            "MAX_QUEUE": "256",
-            "KEEP_ALIVE": "-1",
-            "BACKEND": "vllm",
-        }
+        env = bench_server_env(root, max(levels), BACKEND="vllm")
         compiled, eager = {**env, "ENFORCE_EAGER": "false"}, {**env, "ENFORCE_EAGER": "true"}
         with running_server(compiled, root / "compiled-cold.log") as url:
             results["compiled_first_start_s"] = load_seconds(url)

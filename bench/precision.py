@@ -21,6 +21,7 @@ import httpx
 
 from bench.__main__ import PROMPT, machine
 from bench.loadgen import run_round
+from bench.server_env import bench_server_env
 from tests.support.server_process import running_server
 from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
 
@@ -113,17 +114,7 @@ def main() -> None:
             )
             install_into_hf_cache(source, root / "hf" / "hub", name)
         for backend in args.backends.split(","):
-            env = {
-                "HF_HOME": str(root / "hf"),
-                "HF_ENDPOINT": "http://127.0.0.1:9",
-                "DATA_DIR": str(root / "data"),
-                "BENTOML_HOME": str(root / "bentoml"),
-                "MAX_BATCH_SIZE": str(max(levels)),
-                "MAX_QUEUE": "256",
-                "KEEP_ALIVE": "-1",
-                "MAX_CACHE_MODELS": "2",
-                "BACKEND": backend,
-            }
+            env = bench_server_env(root, max(levels), MAX_CACHE_MODELS="2", BACKEND=backend)
             print(f"{backend}: both checkpoints in one server", flush=True)
             with running_server(env, root / f"{backend}.log") as url:
                 rows += measure(url, backend, levels, args)
