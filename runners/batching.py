@@ -231,7 +231,7 @@ def _rope_delta(model: Any) -> int:
     """The offset a multi-axis rotary model (Qwen2-VL's M-RoPE) computed in an image prefill: the
     decode positions are the text positions plus it, as in transformers' own `generate`. 0 for others."""
     delta = getattr(getattr(model, "model", None), "rope_deltas", None)
-    return int(delta.flatten()[0]) if torch.is_tensor(delta) else 0
+    return int(delta.flatten()[0]) if delta is not None and torch.is_tensor(delta) else 0
 
 
 def _device_of(cache: Any) -> torch.device:

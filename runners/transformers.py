@@ -109,8 +109,7 @@ class TransformersRunner(Runner):
         auto_class = AutoModelForCausalLM if processor is None else AutoModelForImageTextToText
         hf_model = auto_class.from_pretrained(model.path, **kwargs)
         if "device_map" not in kwargs:
-            # transformers declares `to` with functools.wraps, which typeshed types as an unbound function
-            hf_model.to(device)  # type: ignore[arg-type]
+            hf_model.to(device)
         hf_model.eval()
         runner = cls(model, precision, device, hf_model, tokenizer, max_batch_size, processor)
         # Everything alive now (the model's modules, transformers' and torch's own objects) is long
