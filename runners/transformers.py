@@ -20,6 +20,7 @@ from errors import InvalidRequest
 from runners.base import Adapter, Chunk, PreparedPrompt, Runner
 from runners.batching import BatchScheduler, Emit, Sequence
 from runners.collector import ChunkCollector
+from runners.cpu_speedups import apply_cpu_speedups
 from runners.local_cache import LocalModel
 from runners.model_info import describe, is_vision_model
 from runners.quantization import Precision
@@ -111,6 +112,8 @@ class TransformersRunner(Runner):
         if "device_map" not in kwargs:
             hf_model.to(device)
         hf_model.eval()
+        if device == "cpu":
+            apply_cpu_speedups(hf_model, max_batch_size)
         runner = cls(model, precision, device, hf_model, tokenizer, max_batch_size, processor)
         # Everything alive now (the model's modules, transformers' and torch's own objects) is long
         # lived: frozen, the cyclic collector stops re-scanning it, so the full collections the
