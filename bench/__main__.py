@@ -103,11 +103,12 @@ def _row(backend: str, kind: str, dialect: str, level: int, rounds: list[LoadRes
     return row
 
 
-def paired_vllm_rows(ours: str, theirs: str, levels: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """This server's vLLM path and vLLM's own server, both running, their rounds alternating (which
-    goes first alternates too): a machine that speeds up or slows down between rounds moves both
-    alike. Each of our rows carries `paired_ratio`, the median of its rounds each divided by the
-    vLLM round beside it. The Ollama dialect is paired with vLLM's OpenAI stream (vLLM has no Ollama API)."""
+def paired_rows(backend: str, ours: str, theirs: str, levels: list[int], args: argparse.Namespace) -> list[dict]:
+    """This server (on `backend`) and vLLM's own server, both running, their rounds alternating
+    (which goes first alternates too): a machine that speeds up or slows down between rounds moves
+    both alike. Each of our rows carries `paired_ratio`, the median of its rounds each divided by the
+    vLLM round beside it. The Ollama dialect is paired with vLLM's OpenAI stream (vLLM has no Ollama
+    API). vLLM's rounds are rows of their own (kind "vllm-server beside <backend>")."""
     rows = []
     for url in (ours, theirs):  # load and warm up
         asyncio.run(run_round(url, "openai", MODEL, PROMPT, 2, max(levels)))
@@ -123,9 +124,9 @@ def paired_vllm_rows(ours: str, theirs: str, levels: list[int], args: argparse.N
             ratio = statistics.median(
                 m.tokens_per_second / v.tokens_per_second for m, v in zip(mine, vllms, strict=True)
             )
-            rows.append(_row("vllm", "http", dialect, level, mine, paired_ratio=ratio, versus=versus))
+            rows.append(_row(backend, "http", dialect, level, mine, paired_ratio=ratio, versus=versus))
             if dialect == versus:
-                rows.append(_row("vllm", "vllm-server", dialect, level, vllms))
+                rows.append(_row("vllm", f"vllm-server beside {backend}", dialect, level, vllms))
     return rows
 
 
@@ -219,12 +220,12 @@ def main() -> None:
             results["rows"] += baseline_rows(backend, "runner", runner, args.max_tokens)
             print(f"{backend}: over HTTP", flush=True)
             with running_server(server_env, root / f"{backend}.log") as url:
-                if backend == "vllm":
-                    print("vllm: beside vLLM's own OpenAI server (the same engine settings), rounds alternating")
+                if "vllm" in backends:
+                    print(f"{backend}: beside vLLM's own OpenAI server (the same engine settings), rounds alternating")
                     with vllm_own_server(
-                        source, MODEL, server_dtype(source), max(levels), base_env, root / "vllm-server.log"
+                        source, MODEL, server_dtype(source), max(levels), base_env, root / f"vllm-beside-{backend}.log"
                     ) as theirs:
-                        results["rows"] += paired_vllm_rows(url, theirs, levels, args)
+                        results["rows"] += paired_rows(backend, url, theirs, levels, args)
                 else:
                     results["rows"] += http_rows(url, backend, "http", levels, args, (*DIALECTS, "openai-json"))
                 results["single_stream_ttft"] += single_stream_rows(url, backend, args.ttft_samples)

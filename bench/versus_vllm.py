@@ -1,10 +1,14 @@
-"""This server's vLLM path against vLLM's own OpenAI server, paired: `python -m bench.versus_vllm`.
+"""This server against vLLM's own OpenAI server, paired: `python -m bench.versus_vllm`.
 
-Both servers run at once on the same model and engine settings (idle, a vLLM engine sleeps), and
-their rounds alternate (ours, theirs, ours, ...), so a machine that speeds up or slows down between
-rounds moves both sides alike. Each of our rounds is divided by the round of vLLM's server just
-before or after it; the median of those ratios is the figure. The Ollama dialect (vLLM has none)
-is compared with vLLM's OpenAI SSE stream, the same tokens over the same kind of stream.
+`--backend vllm` (the default) compares this server's vLLM path with vLLM's server on the same
+engine settings (issue #16's target 1); `--backend transformers` compares the transformers engine
+with it (target 3: on CPU vLLM's server runs eager, as this server's vLLM path does).
+
+Both servers run at once on the same model (idle, a vLLM engine sleeps), and their rounds alternate
+(ours, theirs, ours, ...), so a machine that speeds up or slows down between rounds moves both sides
+alike. Each of our rounds is divided by the round of vLLM's server just before or after it; the
+median of those ratios is the figure. The Ollama dialect (vLLM has none) is compared with vLLM's
+OpenAI SSE stream, the same tokens over the same kind of stream.
 
 `--hold SECONDS` keeps both servers up after the rounds, for a profiler (their pids are printed).
 """
@@ -25,6 +29,7 @@ from typing import Any
 
 from bench.baselines import server_dtype
 from bench.loadgen import run_round
+from bench.server_env import bench_server_env
 from bench.vllm_server import vllm_own_server
 from tests.support.server_process import running_server
 from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
@@ -37,6 +42,7 @@ PAIRS = (("openai", "openai"), ("openai-json", "openai-json"), ("ollama", "opena
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.versus_vllm", description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="vllm", choices=("vllm", "transformers"), help="this server's engine")
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=5, help="interleaved rounds per side, dialect and level")
@@ -109,19 +115,11 @@ def main() -> None:
         root = Path(tmp)
         source = build_model(root, args)
         levels = [int(c) for c in args.concurrency.split(",")]
-        env = {
-            "HF_HOME": str(root / "hf"),
-            "HF_ENDPOINT": "http://127.0.0.1:9",
-            "DATA_DIR": str(root / "data"),
-            "BENTOML_HOME": str(root / "bentoml"),
-            "MAX_BATCH_SIZE": str(max(levels)),
-            "MAX_QUEUE": "256",
-            "KEEP_ALIVE": "-1",
-        }
+        env = bench_server_env(root, max(levels))
         print(f"load average before: {os.getloadavg()}", flush=True)
         with (
             vllm_own_server(source, MODEL, server_dtype(source), max(levels), env, root / "vllm.log") as theirs,
-            running_server({**env, "BACKEND": "vllm"}, root / "ours.log") as ours,
+            running_server({**env, "BACKEND": args.backend}, root / "ours.log") as ours,
         ):
             for url, dialect in ((ours, "openai"), (theirs, "openai")):  # load and warm up
                 tokens_per_second(url, dialect, 8, 1)

@@ -125,4 +125,5 @@ def load_runner(
         trust_remote_code,
         max_batch_size=settings.max_batch_size,
         gpus=settings.tensor_parallel_size,
+        cpu_threads=settings.cpu_threads,
     )

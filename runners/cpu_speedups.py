@@ -1,4 +1,5 @@
-"""Two CPU fast paths for the transformers engine, applied once after a load (`apply_cpu_speedups`).
+"""CPU fast paths for the transformers engine, applied once after a load (`apply_cpu_speedups`), and
+the engine's thread count (`engine_threads`, the CPU_THREADS setting).
 
 Measured on this project's 2-core EPYC (bf16, avx512_bf16) with the bench's 768-wide 12-layer Llama:
 - **Prepacked linear weights.** `F.linear` on a bf16 CPU weight reorders the weight into oneDNN's
@@ -16,6 +17,7 @@ whole decode loop with and without them.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -23,6 +25,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "sdpa_cpu_decode"  # the attention implementation's name in transformers' registry
+
+
+def engine_threads(setting: int) -> int:
+    """torch's threads for the engine (CPU_THREADS): the setting, or one per usable core less one,
+    as vLLM's CPU worker leaves one core to its serving process."""
+    return setting or max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def apply_cpu_speedups(model: Any, batch_rows: int) -> list[str]:

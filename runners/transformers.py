@@ -20,7 +20,7 @@ from errors import InvalidRequest
 from runners.base import Adapter, Chunk, PreparedPrompt, Runner
 from runners.batching import BatchScheduler, Emit, Sequence
 from runners.collector import ChunkCollector
-from runners.cpu_speedups import apply_cpu_speedups
+from runners.cpu_speedups import apply_cpu_speedups, engine_threads
 from runners.local_cache import LocalModel
 from runners.model_info import describe, is_vision_model
 from runners.quantization import Precision
@@ -78,6 +78,7 @@ class TransformersRunner(Runner):
         *,
         max_batch_size: int,
         gpus: int = 1,
+        cpu_threads: int = 0,
     ) -> TransformersRunner:
         """Load from the local snapshot folder only (blocking; never touches the network).
 
@@ -113,6 +114,7 @@ class TransformersRunner(Runner):
             hf_model.to(device)
         hf_model.eval()
         if device == "cpu":
+            torch.set_num_threads(engine_threads(cpu_threads))
             apply_cpu_speedups(hf_model, max_batch_size)
         runner = cls(model, precision, device, hf_model, tokenizer, max_batch_size, processor)
         # Everything alive now (the model's modules, transformers' and torch's own objects) is long
