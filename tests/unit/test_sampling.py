@@ -49,3 +49,36 @@ def test_presence_and_frequency_penalties_count_generated_tokens() -> None:
     frequency = SamplingOptions(temperature=0, frequency_penalty=0.4)
     assert pick(frequency, generated=[1]) == 1  # 3.0 - 0.4 > 2.0
     assert pick(frequency, generated=[1, 1, 1]) == 2  # 3.0 - 1.2 < 2.0
+
+
+def _frequencies(options: SamplingOptions, logits: torch.Tensor, draws: int) -> torch.Tensor:
+    generator = make_generator(options, "cpu")
+    counts = torch.zeros(logits.numel())
+    for _ in range(draws):
+        counts[next_token(logits.clone(), options, [], [], generator)] += 1
+    return counts / draws
+
+
+def test_draws_follow_the_distribution_after_top_k_and_top_p() -> None:
+    """4000 seeded draws: each token's frequency is its probability within the kept candidates."""
+    logits = torch.log(torch.tensor([0.05, 0.4, 0.3, 0.15, 0.1]))
+    cases = [
+        (SamplingOptions(temperature=1.0, seed=7), torch.tensor([0.05, 0.4, 0.3, 0.15, 0.1])),
+        (SamplingOptions(temperature=1.0, top_k=2, seed=7), torch.tensor([0, 4 / 7, 3 / 7, 0, 0])),
+        # top_p 0.8: 0.4 + 0.3 = 0.7 is short of it, so the 0.15 token stays too.
+        (SamplingOptions(temperature=1.0, top_p=0.8, seed=7), torch.tensor([0, 0.4, 0.3, 0.15, 0]) / 0.85),
+    ]
+    for options, expected in cases:
+        assert torch.allclose(_frequencies(options, logits, 4000), expected, atol=0.03), options
+
+
+def test_top_p_over_a_flat_vocabulary_looks_past_the_first_candidates() -> None:
+    """A nucleus wider than the first candidates looked at (1024): the whole vocabulary is sorted,
+    and every draw still lands inside the nucleus."""
+    probs = torch.full((5000,), 1.0)
+    probs[:2000] = 2.0  # 2000 tokens hold 4000 / 7000 = 57% of the mass
+    logits = torch.log(probs / probs.sum())
+    options = SamplingOptions(temperature=1.0, top_p=0.5, seed=3)
+    frequencies = _frequencies(options, logits, 3000)
+    assert frequencies[2000:].sum() == 0
+    assert (frequencies[:2000] > 0).sum() > 1024  # more distinct tokens than the first look held
