@@ -428,9 +428,10 @@ class BatchScheduler:
         """Queue prefills for sequences just taken: images prefill whole and alone now; text prompts
         arriving together share one chunked prefill once the model's sequences are known to decode
         over the SlotCache (the first one learns it alone)."""
-        for sequence in [s for s in taken if s.model_inputs]:
+        images = [s for s in taken if s.model_inputs]
+        text = [s for s in taken if not s.model_inputs]  # before the image prefills take their inputs
+        for sequence in images:
             self._admit_image(sequence)
-        text = [s for s in taken if not s.model_inputs]
         if len(text) > 1 and self._mergeable:
             self._prefills.append(Prefill(text, self._model.device))
         else:
