@@ -403,15 +403,30 @@ class BatchScheduler:
                         done.set_result(work())
                     except BaseException as exc:
                         done.set_exception(exc)
-                self._start_prefills(taken)
-                self._prefill_chunk()
-                self._drop_cancelled()
-                for batch in self._batches():
-                    step = partial(batch.step, self._model, **self._adapter_names(batch.rows))
-                    self._guarded(step, batch.rows)
-                if self._slots is not None and not self._slots.rows:
-                    self._slots = None  # its buffers go back; the next join allocates what it needs
-                self._singles = [b for b in self._singles if b.rows]
+                try:
+                    self._turn(taken)
+                except Exception as exc:  # a fault of the loop's own: end its requests rather than hang them
+                    self._fail_all(exc)
+
+    def _turn(self, taken: list[Sequence]) -> None:
+        """One turn of the loop: the new sequences' prefills queued, one prefill chunk, one decode step."""
+        self._start_prefills(taken)
+        self._prefill_chunk()
+        self._drop_cancelled()
+        for batch in self._batches():
+            step = partial(batch.step, self._model, **self._adapter_names(batch.rows))
+            self._guarded(step, batch.rows)
+        if self._slots is not None and not self._slots.rows:
+            self._slots = None  # its buffers go back; the next join allocates what it needs
+        self._singles = [b for b in self._singles if b.rows]
+
+    def _fail_all(self, exc: Exception) -> None:
+        rows = dict.fromkeys([*self._admitting, *(row for b in self._batches() for row in b.rows)])
+        self._admitting.clear()
+        self._prefills.clear()
+        self._slots, self._singles = None, []
+        for row in rows:
+            row.fail(exc)
 
     def _guarded(self, work: Callable[[], None], rows: list[Sequence]) -> None:
         """A failure (out of memory, a bad grammar) ends the sequences involved, not the loop."""

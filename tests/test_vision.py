@@ -14,8 +14,10 @@ import io
 import json
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -207,6 +209,40 @@ def test_answer_matches_transformers_generate_on_the_same_images(oai: openai.Ope
     expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]
     assert reply.choices[0].message.content == expected
+
+
+def test_image_requests_decoding_beside_others_get_what_they_get_alone(client: ollama.Client, server: str) -> None:
+    """Image prompts prefill alone with their pixels, then join the running batch (the scheduler's
+    shared slot cache, runners/batching.py) beside a text stream and each other: batching changes
+    none of the outputs, greedy or seeded."""
+    options = {"temperature": 0, "num_predict": 24, "ignore_eos": True}
+    stream = {"prompt": "tell me more", "options": {**options, "num_predict": 300}}
+    specs = [
+        stream,
+        {"prompt": "x", "images": [png((255, 0, 0))], "options": options},
+        {"prompt": "what is it", "images": [png((0, 0, 255)), png((9, 9, 9))], "options": options},
+        {
+            "prompt": "and now",
+            "images": [png((0, 200, 0))],
+            "options": {"temperature": 1.0, "seed": 5, "num_predict": 24},
+        },
+    ]
+
+    def ask(spec: dict) -> str:
+        return client.generate(LLAVA, **spec).response
+
+    def running() -> int:
+        return sum(m["running_requests"] for m in httpx.get(f"{server}/status", timeout=60).json()["loaded_models"])
+
+    alone = [ask(spec) for spec in specs]
+    with ThreadPoolExecutor(len(specs)) as pool:
+        first = pool.submit(ask, stream)
+        deadline = time.monotonic() + 60
+        while running() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rest = list(pool.map(ask, specs[1:]))
+        together = [first.result(), *rest]
+    assert together == alone
 
 
 def test_ollama_fits_a_long_chat_by_dropping_old_messages_with_their_images(client: ollama.Client) -> None:
