@@ -218,9 +218,12 @@ class SlotBatch:
         lengths = torch.tensor(self.lengths, device=device)
         width = max(self.lengths) + 1
         self.cache.begin_step(lengths, width)
+        # Rows all of one length see every column: no mask, so SDPA takes its unmasked kernel (transformers
+        # skips the mask it would build for one query position over a full cache).
+        level = self._boolean_mask and min(self.lengths) == width - 1
         out = model(
             input_ids=torch.tensor([[s.last_token] for s in self.rows], device=device),
-            attention_mask=decode_mask(lengths, width, self._dtype, self._boolean_mask),
+            attention_mask=None if level else decode_mask(lengths, width, self._dtype, self._boolean_mask),
             position_ids=torch.tensor(self.positions, device=device)[:, None],
             past_key_values=self.cache,
             use_cache=True,
