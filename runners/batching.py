@@ -1,19 +1,30 @@
 """Continuous batching for the transformers engine.
 
 One scheduler thread per loaded model steps every running sequence together: each step is one
-forward pass for the whole batch. New requests join at step boundaries (prefilled alone, then
-merged into the batch), finished or cancelled ones leave without stalling the rest, and every
-sequence keeps its own sampling settings, seed, stop sequences and grammar.
+forward pass for the whole batch. New requests join at step boundaries and finished or cancelled
+ones leave without stalling the rest; every sequence keeps its own sampling settings, seed, stop
+sequences and grammar.
 
-The batch's KV cache is right-aligned: row i's tokens fill the last positions and the columns
-before them are padding, masked out by the attention mask; position ids are per row. Models whose
-cache is not a plain DynamicCache (sliding-window or linear-attention layers) keep one cache per
-sequence and are stepped one sequence at a time, still interleaved with each other.
+A step of the loop: one chunk (PREFILL_CHUNK positions) of the oldest waiting prefill (prompts
+that arrived together are prefilled as one left-padded batch), then one decode pass. So a new
+request delays the running ones by one chunk at a time, never by its whole prompt.
+
+Sequences whose cache is full attention (DynamicLayer) decode over one SlotCache
+(runners/kv_cache.py): a row per sequence, written in place, so a step copies only the new token's
+key and value. Models with sliding-window or linear-attention layers (or an attention that takes no
+4-D mask) keep one cache per sequence, prefilled whole, and are stepped one sequence at a time,
+still interleaved with each other.
 
 With LoRA adapters attached (runners/adapters.py) the model is a PEFT model around the same weights,
-and every forward pass names each row's adapter ("__base__" for none): PEFT's mixed-adapter batches,
-so requests for different adapters of one base decode in one batch. Work that changes the model
-(attaching an adapter) runs on the decode thread between steps (`between_steps`).
+and every forward pass (prefill chunks and decode steps) names each row's adapter ("__base__" for
+none): PEFT's mixed-adapter batches, so requests for different adapters of one base decode in one
+batch. Work that changes the model (attaching an adapter) runs on the decode thread between steps
+(`between_steps`).
+
+Why not transformers' own continuous batching (`generate_batch`, `ContinuousBatchingManager` with
+paged attention): it samples with one GenerationConfig per manager, with no per-request seed,
+grammar, stop strings, logprobs, image inputs or adapters, and on this CPU it measured slower than
+this loop on the benchmark model (`python -m bench.decode_loop`).
 """
 
 from __future__ import annotations
@@ -31,12 +42,17 @@ import torch
 from errors import ModelLoadFailed
 from runners.base import Chunk, FinishReason, PreparedPrompt, TokenLogprob
 from runners.detokenize import IncrementalDecoder, StopMatcher
+from runners.kv_cache import SlotCache, decode_mask, mask_kind
 from runners.sampling import make_generator, next_token
 from runners.structured import TokenConstraint
 
 Emit = Callable[[Chunk | BaseException], None]
 T = TypeVar("T")
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+# Prompt positions prefilled per scheduler step: a long prompt holds the running sequences up for one
+# chunk's forward pass at a time (tens of ms for a small model on a CPU), not for its whole prefill.
+PREFILL_CHUNK = 256
 
 
 class Sequence:
@@ -138,7 +154,8 @@ class Sequence:
 
 
 class KVBatch:
-    """Sequences decoded in one forward pass, with their right-aligned KV cache."""
+    """One sequence whose cache cannot share a SlotCache (sliding-window or linear-attention layers,
+    or an attention implementation that takes no 4-D mask), decoded over its own cache."""
 
     def __init__(self, sequence: Sequence, cache: Any) -> None:
         length = len(sequence.prompt_ids)
@@ -147,34 +164,8 @@ class KVBatch:
         self.mask = torch.ones(1, length, dtype=torch.long, device=_device_of(cache))
         self.positions = torch.tensor([length], dtype=torch.long, device=self.mask.device)
 
-    @classmethod
-    def prefilled(cls, rows: list[Sequence], cache: Any, mask: torch.Tensor) -> KVBatch:
-        """Rows prefilled together, left-padded (`mask` 0 on the padding): already right-aligned."""
-        batch = cls.__new__(cls)
-        batch.rows, batch.cache, batch.mask = list(rows), cache, mask
-        batch.positions = mask.sum(dim=1)
-        return batch
-
-    @staticmethod
-    def mergeable(cache: Any) -> bool:
-        from transformers.cache_utils import DynamicLayer
-
-        return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
-
-    def absorb(self, other: KVBatch) -> None:
-        """Append `other`'s rows, left-padding whichever cache is shorter."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        self._pad_to(width)
-        other._pad_to(width)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([mine.keys, theirs.keys])
-            mine.values = torch.cat([mine.values, theirs.values])
-        self.mask = torch.cat([self.mask, other.mask])
-        self.positions = torch.cat([self.positions, other.positions])
-        self.rows += other.rows
-
     def step(self, model: Any, **adapters: Any) -> None:
-        """One token for every row; finished rows leave the batch."""
+        """One token; a finished row leaves the batch."""
         inputs = torch.tensor([[s.last_token] for s in self.rows], device=self.mask.device)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         out = model(
@@ -191,30 +182,67 @@ class KVBatch:
         self.keep([i for i, finished in enumerate(done) if not finished])
 
     def keep(self, indices: list[int]) -> None:
+        self.rows = [self.rows[i] for i in indices]
+
+
+class SlotBatch:
+    """Every running sequence whose cache fits a SlotCache, decoded together: one forward pass per
+    step for all of them, each row at its own length and position (runners/kv_cache.py)."""
+
+    def __init__(self, prefilled: Any, boolean_mask: bool) -> None:
+        self.rows: list[Sequence] = []
+        self.cache = SlotCache.like(prefilled)
+        self.lengths: list[int] = []  # tokens in each row's cache
+        self.positions: list[int] = []  # each row's next position id (its length, plus a rope offset)
+        self._dtype = self.cache.layers[0].keys.dtype
+        self._boolean_mask = boolean_mask
+
+    @staticmethod
+    def fits(cache: Any) -> bool:
+        """A DynamicCache of full-attention layers only (sliding windows keep a cache of their own)."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers: list[Any] = getattr(cache, "layers", None) or []
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    def add(self, sequence: Sequence, prefilled: Any, source_row: int, length: int, offset: int = 0) -> None:
+        """Join with the `length` cached tokens of row `source_row` of a prefill's cache."""
+        self.cache.write_prefill(len(self.rows), prefilled, source_row, length)
+        self.rows.append(sequence)
+        self.lengths.append(length)
+        self.positions.append(length + offset)
+
+    def step(self, model: Any, **adapters: Any) -> None:
+        """One token for every row; finished rows leave the batch."""
+        device = self.cache.device
+        lengths = torch.tensor(self.lengths, device=device)
+        width = max(self.lengths) + 1
+        self.cache.begin_step(lengths, width)
+        # Rows all of one length see every column: no mask, so SDPA takes its unmasked kernel (transformers
+        # skips the mask it would build for one query position over a full cache).
+        level = self._boolean_mask and min(self.lengths) == width - 1
+        out = model(
+            input_ids=torch.tensor([[s.last_token] for s in self.rows], device=device),
+            attention_mask=None if level else decode_mask(lengths, width, self._dtype, self._boolean_mask),
+            position_ids=torch.tensor(self.positions, device=device)[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+            **adapters,
+        )
+        self.lengths = [n + 1 for n in self.lengths]
+        self.positions = [p + 1 for p in self.positions]
+        logits = out.logits[:, -1]
+        done = [_advance_or_fail(row, logits[i]) for i, row in enumerate(self.rows)]
+        self.keep([i for i, finished in enumerate(done) if not finished])
+
+    def keep(self, indices: list[int]) -> None:
         if len(indices) == len(self.rows):
             return
+        if indices:
+            self.cache.compact(indices, max(self.lengths))
         self.rows = [self.rows[i] for i in indices]
-        if not indices:
-            return
-        index = torch.tensor(indices, device=self.mask.device)
-        self.cache.batch_select_indices(index)
-        self.mask, self.positions = self.mask[index], self.positions[index]
-        # Drop leading columns that are padding in every remaining row.
-        start = int((self.mask.sum(dim=0) > 0).nonzero()[0])
-        if start:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
-            self.mask = self.mask[:, start:]
-
-    def _pad_to(self, width: int) -> None:
-        pad = width - self.mask.shape[1]
-        if pad <= 0:
-            return
-        for layer in self.cache.layers:
-            b, h, _, d = layer.keys.shape
-            layer.keys = torch.cat([layer.keys.new_zeros(b, h, pad, d), layer.keys], dim=2)
-            layer.values = torch.cat([layer.values.new_zeros(b, h, pad, layer.values.shape[-1]), layer.values], dim=2)
-        self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], pad), self.mask], dim=1)
+        self.lengths = [self.lengths[i] for i in indices]
+        self.positions = [self.positions[i] for i in indices]
 
 
 def _advance_or_fail(row: Sequence, logits: torch.Tensor) -> bool:
@@ -239,18 +267,57 @@ def _device_of(cache: Any) -> torch.device:
     return layers[0].keys.device if layers else torch.device("cpu")
 
 
+class Prefill:
+    """Prompts prefilled together in one left-padded batch (padding masked out), a chunk of
+    positions per scheduler step, so a long prompt delays the running sequences by one chunk's
+    forward pass at a time instead of its whole prefill."""
+
+    def __init__(self, rows: list[Sequence], device: torch.device) -> None:
+        self.rows = rows
+        width = max(len(s.prompt_ids) for s in rows)
+        self.ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)  # padding: masked out
+        self.mask = torch.zeros_like(self.ids)
+        for i, sequence in enumerate(rows):
+            self.ids[i, width - len(sequence.prompt_ids) :] = torch.tensor(sequence.prompt_ids, device=device)
+            self.mask[i, width - len(sequence.prompt_ids) :] = 1
+        self.positions = (self.mask.cumsum(1) - 1).clamp(min=0)
+        self.cache: Any = None
+        self.done = 0  # positions prefilled so far
+
+    def advance(self, model: Any, chunk: int | None, extra: dict[str, Any]) -> torch.Tensor | None:
+        """Prefill the next `chunk` positions (None: all the rest); the last position's logits once
+        the prompts are done."""
+        width = self.ids.shape[1]
+        end = width if chunk is None else min(self.done + chunk, width)
+        out = model(
+            input_ids=self.ids[:, self.done : end],
+            attention_mask=self.mask[:, :end],
+            position_ids=self.positions[:, self.done : end],
+            past_key_values=self.cache,
+            use_cache=True,
+            **extra,
+        )
+        self.cache, self.done = out.past_key_values, end
+        return out.logits[:, -1] if end == width else None
+
+
 class BatchScheduler:
-    """The decode loop of one model: admits waiting sequences, steps the running ones together."""
+    """The decode loop of one model: prefills waiting sequences a chunk at a time between decode
+    steps, and steps the running ones together."""
 
     def __init__(self, model: Any, name: str, max_batch_size: int) -> None:
         self._model = model
         self._name = name
         self._max_batch_size = max_batch_size
         self._waiting: deque[Sequence] = deque()
-        self._admitting: list[Sequence] = []  # taken from the queue, not yet in a batch
-        self._batches: list[KVBatch] = []
-        # Whether this model's cache can be merged (learned from the first prefill): only then are
-        # prompts arriving together prefilled together.
+        self._admitting: list[Sequence] = []  # taken from the queue, not yet decoding (being prefilled)
+        self._prefills: deque[Prefill] = deque()
+        self._slots: SlotBatch | None = None  # every sequence whose cache fits a SlotCache
+        self._singles: list[KVBatch] = []  # the others, one cache each
+        # How a decode step hands the attention its 4-D mask; None: no SlotCache for this model.
+        self._mask_kind = mask_kind(model.config)
+        # Whether this model's sequences decode over the SlotCache (learned from the first prefill):
+        # only then are prompts arriving together prefilled together, and prompts prefilled in chunks.
         self._mergeable: bool | None = None
         # A prefill needs the logits of the last position only: not a (prompt x vocab) matrix.
         accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -266,7 +333,10 @@ class BatchScheduler:
         return len(self._waiting)
 
     def batch_size(self) -> int:
-        return len(self._admitting) + sum(len(b.rows) for b in self._batches)
+        return len(self._admitting) + sum(len(b.rows) for b in self._batches())
+
+    def _batches(self) -> list[SlotBatch | KVBatch]:
+        return ([self._slots] if self._slots is not None else []) + self._singles
 
     def submit(self, sequence: Sequence) -> None:
         """Queue a sequence (the pool's lease has admitted it: the queue is bounded there)."""
@@ -305,119 +375,161 @@ class BatchScheduler:
             done.set_exception(ModelLoadFailed(f"model '{self._name}' was unloaded"))
         self._chores.clear()
         unloaded = ModelLoadFailed(f"model '{self._name}' was unloaded")
-        for sequence in [*self._waiting, *self._admitting, *(row for b in self._batches for row in b.rows)]:
+        for sequence in [*self._waiting, *self._admitting, *(row for b in self._batches() for row in b.rows)]:
             sequence.fail(unloaded)
         self._waiting.clear()
-        self._batches.clear()
+        self._admitting.clear()
+        self._prefills.clear()
+        self._slots, self._singles = None, []
 
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._closed and not self._waiting and not self._batches and not self._chores:
+                    while (
+                        not self._closed
+                        and not self._waiting
+                        and not self._admitting
+                        and not self._batches()
+                        and not self._chores
+                    ):
                         self._wake.wait()
                     if self._closed:
                         return
                     chores = list(self._chores)
                     self._chores.clear()
                     room = self._max_batch_size - self.batch_size()
-                    self._admitting = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                    taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                    self._admitting += taken
                 for work, done in chores:
                     try:
                         done.set_result(work())
                     except BaseException as exc:
                         done.set_exception(exc)
-                text_only = [s for s in self._admitting if not s.model_inputs]  # images prefill alone
-                if len(text_only) > 1 and self._mergeable:
-                    self._admit_together(text_only)
-                    self._admitting = [s for s in self._admitting if s.model_inputs or s in text_only]
-                for sequence in list(self._admitting):
-                    self._guarded(partial(self._admit, sequence), [sequence])
-                    self._admitting.remove(sequence)  # now in a batch, or finished
-                self._drop_cancelled()
-                for batch in list(self._batches):
-                    step = partial(batch.step, self._model, **self._adapter_names(batch.rows))
-                    self._guarded(step, batch.rows)
-                self._batches = [b for b in self._batches if b.rows]
+                try:
+                    self._turn(taken)
+                except Exception as exc:  # a fault of the loop's own: end its requests rather than hang them
+                    self._fail_all(exc)
+
+    def _turn(self, taken: list[Sequence]) -> None:
+        """One turn of the loop: the new sequences' prefills queued, one prefill chunk, one decode step."""
+        self._start_prefills(taken)
+        self._prefill_chunk()
+        self._drop_cancelled()
+        for batch in self._batches():
+            step = partial(batch.step, self._model, **self._adapter_names(batch.rows))
+            self._guarded(step, batch.rows)
+        if self._slots is not None and not self._slots.rows:
+            self._slots = None  # its buffers go back; the next join allocates what it needs
+        self._singles = [b for b in self._singles if b.rows]
+
+    def _fail_all(self, exc: Exception) -> None:
+        rows = dict.fromkeys([*self._admitting, *(row for b in self._batches() for row in b.rows)])
+        self._admitting.clear()
+        self._prefills.clear()
+        self._slots, self._singles = None, []
+        for row in rows:
+            row.fail(exc)
 
     def _guarded(self, work: Callable[[], None], rows: list[Sequence]) -> None:
         """A failure (out of memory, a bad grammar) ends the sequences involved, not the loop."""
         try:
             work()
         except Exception as exc:
-            for batch in self._batches:
+            for batch in self._batches():
                 if set(batch.rows) & set(rows):
                     batch.rows = []
             for row in rows:
                 row.fail(exc)
 
-    def _admit(self, sequence: Sequence) -> None:
-        """Prefill the prompt alone, pick the first token, and join a batch if not finished."""
-        if sequence.cancelled.is_set():
-            sequence.cancel_now()
-            return
-        ids = torch.tensor([sequence.prompt_ids], device=self._model.device)
-        images = self._prefill_inputs(sequence)
-        out = self._model(
-            input_ids=ids, use_cache=True, **self._last_logits, **images, **self._adapter_names([sequence])
-        )
-        self._mergeable = KVBatch.mergeable(out.past_key_values)
-        if sequence.advance(out.logits[0, -1]):
-            return
-        batch = KVBatch(sequence, out.past_key_values)
-        if images:  # multi-axis rotary models (Qwen2-VL) place the tokens after an image by an offset
-            batch.positions += _rope_delta(self._model)
-        self._join(batch)
-
-    def _admit_together(self, sequences: list[Sequence]) -> None:
-        """Prefill the prompts that arrived together in one left-padded forward pass, so a burst of
-        N requests stalls the running batch for one pass instead of N. The sequences it admits (or
-        finishes) leave `sequences`; on a failure of the shared pass they all stay there, to be
-        admitted one by one, so one bad request cannot fail the others."""
-        for sequence in [s for s in sequences if s.cancelled.is_set()]:
-            sequence.cancel_now()
-            sequences.remove(sequence)
-        if len(sequences) < 2:
-            return
-        device = self._model.device
-        width = max(len(s.prompt_ids) for s in sequences)
-        ids = torch.zeros(len(sequences), width, dtype=torch.long, device=device)  # padding: masked out
-        mask = torch.zeros_like(ids)
-        for i, sequence in enumerate(sequences):
-            ids[i, width - len(sequence.prompt_ids) :] = torch.tensor(sequence.prompt_ids, device=device)
-            mask[i, width - len(sequence.prompt_ids) :] = 1
-        try:
-            out = self._model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                use_cache=True,
-                **self._last_logits,
-                **self._adapter_names(sequences),
-            )
-        except Exception:
-            return
-        rows = list(sequences)
-        batch = KVBatch.prefilled(rows, out.past_key_values, mask)
-        logits = out.logits[:, -1]
-        running = []
-        for i, row in enumerate(rows):
-            try:
-                if not row.advance(logits[i]):
-                    running.append(i)
-            except Exception as exc:
-                row.fail(exc)
-        batch.keep(running)
-        if batch.rows:
-            self._join(batch)
-        sequences.clear()  # only now: until joined, the rows count as admitting in batch_size()
-
-    def _join(self, batch: KVBatch) -> None:
-        shared = next((b for b in self._batches if KVBatch.mergeable(b.cache)), None)
-        if shared is not None and KVBatch.mergeable(batch.cache):
-            shared.absorb(batch)
+    def _start_prefills(self, taken: list[Sequence]) -> None:
+        """Queue prefills for sequences just taken: images prefill whole and alone now; text prompts
+        arriving together share one chunked prefill once the model's sequences are known to decode
+        over the SlotCache (the first one learns it alone)."""
+        images = [s for s in taken if s.model_inputs]
+        text = [s for s in taken if not s.model_inputs]  # before the image prefills take their inputs
+        for sequence in images:
+            self._admit_image(sequence)
+        if len(text) > 1 and self._mergeable:
+            self._prefills.append(Prefill(text, self._model.device))
         else:
-            self._batches.append(batch)
+            self._prefills.extend(Prefill([s], self._model.device) for s in text)
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the oldest pending prefill; once its prompts are done, their first tokens and
+        their join to a batch. A failed shared prefill is retried one prompt at a time, so one bad
+        request cannot fail the others; a failed single one ends that request. A model whose
+        sequences keep a cache each (sliding windows) prefills whole."""
+        while self._prefills:
+            job = self._prefills[0]
+            for sequence in [s for s in job.rows if s.cancelled.is_set()]:
+                sequence.cancel_now()
+                job.rows.remove(sequence)
+                self._admitting.remove(sequence)
+            if job.rows:
+                break
+            self._prefills.popleft()
+        else:
+            return
+        chunk = PREFILL_CHUNK if self._mergeable else None
+        try:
+            logits = job.advance(self._model, chunk, {**self._last_logits, **self._adapter_names(job.rows)})
+        except Exception as exc:
+            self._prefills.popleft()
+            if len(job.rows) > 1:
+                self._prefills.extendleft(Prefill([s], self._model.device) for s in reversed(job.rows))
+            else:
+                self._admitting.remove(job.rows[0])
+                job.rows[0].fail(exc)
+            return
+        if logits is None:
+            return
+        self._prefills.popleft()
+        self._fits_slots(job.cache)
+        for i, row in enumerate(job.rows):
+            if row.cancelled.is_set():
+                row.cancel_now()
+            elif not _advance_or_fail(row, logits[i]):
+                self._guarded(partial(self._join, row, job.cache, i, len(row.prompt_ids)), [row])
+            self._admitting.remove(row)  # only now: until joined, the row counts in batch_size()
+
+    def _admit_image(self, sequence: Sequence) -> None:
+        """Prefill a prompt with images whole and alone (its pixel inputs go with the first pass)."""
+        try:
+            if sequence.cancelled.is_set():
+                sequence.cancel_now()
+                return
+            ids = torch.tensor([sequence.prompt_ids], device=self._model.device)
+            images = self._prefill_inputs(sequence)
+            out = self._model(
+                input_ids=ids, use_cache=True, **self._last_logits, **images, **self._adapter_names([sequence])
+            )
+            if sequence.advance(out.logits[0, -1]):
+                return
+            cache = out.past_key_values
+            length = cache.layers[0].keys.shape[2] if self._fits_slots(cache) else len(sequence.prompt_ids)
+            # Multi-axis rotary models (Qwen2-VL) place the tokens after an image by an offset.
+            self._join(sequence, cache, 0, length, _rope_delta(self._model))
+        except Exception as exc:
+            sequence.fail(exc)
+        finally:
+            self._admitting.remove(sequence)
+
+    def _fits_slots(self, cache: Any) -> bool:
+        """Whether a prefill's sequences decode over the SlotCache; the first answer is remembered."""
+        self._mergeable = self._mask_kind is not None and SlotBatch.fits(cache)
+        return self._mergeable
+
+    def _join(self, row: Sequence, cache: Any, source_row: int, length: int, offset: int = 0) -> None:
+        """A prefilled sequence joins the shared SlotBatch, or decodes over its own cache."""
+        if self._fits_slots(cache):
+            if self._slots is None:
+                self._slots = SlotBatch(cache, self._mask_kind == "boolean")
+            self._slots.add(row, cache, source_row, length, offset)
+            return
+        single = KVBatch(row, cache)  # one row only: Prefill batches rows only when they are mergeable
+        single.positions += offset
+        self._singles.append(single)
 
     def _prefill_inputs(self, sequence: Sequence) -> dict[str, Any]:
         """A vision prompt's pixel inputs on the model's device (floats in its dtype), handed over
@@ -430,7 +542,7 @@ class BatchScheduler:
         }
 
     def _drop_cancelled(self) -> None:
-        for batch in self._batches:
+        for batch in self._batches():
             gone = [i for i, row in enumerate(batch.rows) if row.cancelled.is_set()]
             for i in gone:
                 batch.rows[i].cancel_now()

@@ -152,3 +152,26 @@ def test_a_full_queue_answers_503_with_retry_after(start) -> None:
             ).status_code
             == 200
         )
+
+
+def test_a_long_prompt_prefilled_in_chunks_beside_a_running_stream_changes_neither_output(start) -> None:
+    """A prompt of several PREFILL_CHUNKs is prefilled a chunk per decode step of the running
+    stream (runners/batching.py), while that stream decodes over the shared slot cache."""
+    from runners.batching import PREFILL_CHUNK
+
+    running_spec = {"prompt": "hello", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+    long_spec = {"prompt": "the tide came in over the rocks " * 150, "max_tokens": 30, "temperature": 0}
+    with start(MAX_BATCH_SIZE="4") as url:
+        usage = httpx.post(
+            f"{url}/v1/completions", json={"model": MODEL, **long_spec, "max_tokens": 1}, timeout=600
+        ).json()["usage"]
+        assert usage["prompt_tokens"] > 2 * PREFILL_CHUNK  # at least three chunks
+        alone = [complete(url, running_spec), complete(url, long_spec)]
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(complete, url, running_spec)
+            deadline = time.monotonic() + 60
+            while running(url) == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            second = complete(url, long_spec)
+            together = [first.result(), second]
+        assert together == alone

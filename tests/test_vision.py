@@ -14,8 +14,10 @@ import io
 import json
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -177,7 +179,9 @@ def test_same_image_same_answer_other_image_other_input(client: ollama.Client) -
 
 def test_answer_matches_transformers_generate_on_the_same_images(oai: openai.OpenAI, tiny_llava_dir: Path) -> None:
     """Greedy decoding through the server (template, processor, pixel inputs in the prefill, the
-    batching scheduler's decode steps) gives the tokens transformers' own `generate` gives."""
+    batching scheduler's decode steps over its slot cache) gives the tokens transformers' own
+    `generate` gives, with the same log-probabilities (the random model's greedy text soon repeats
+    itself, so the tokens alone would miss a decode step that sees a slightly wrong cache)."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -187,7 +191,7 @@ def test_answer_matches_transformers_generate_on_the_same_images(oai: openai.Ope
         *({"type": "image_url", "image_url": {"url": data_url(i)}} for i in images),
     ]
     reply = oai.chat.completions.create(
-        model=LLAVA, messages=[{"role": "user", "content": content}], max_tokens=12, temperature=0
+        model=LLAVA, messages=[{"role": "user", "content": content}], max_tokens=12, temperature=0, logprobs=True
     )
 
     processor = AutoProcessor.from_pretrained(tiny_llava_dir)
@@ -203,10 +207,50 @@ def test_answer_matches_transformers_generate_on_the_same_images(oai: openai.Ope
         return_tensors="pt",
     )
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        out = model.generate(
+            **inputs, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :]
+    expected = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    logprobs = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, tokens, strict=True)]
     assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]
     assert reply.choices[0].message.content == expected
+    served = [entry.logprob for entry in reply.choices[0].logprobs.content]
+    assert len(served) == len(logprobs) and served == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_image_requests_decoding_beside_others_get_what_they_get_alone(client: ollama.Client, server: str) -> None:
+    """Image prompts prefill alone with their pixels, then join the running batch (the scheduler's
+    shared slot cache, runners/batching.py) beside a text stream and each other: batching changes
+    none of the outputs, greedy or seeded."""
+    options = {"temperature": 0, "num_predict": 24, "ignore_eos": True}
+    stream = {"prompt": "tell me more", "options": {**options, "num_predict": 300}}
+    specs = [
+        stream,
+        {"prompt": "x", "images": [png((255, 0, 0))], "options": options},
+        {"prompt": "what is it", "images": [png((0, 0, 255)), png((9, 9, 9))], "options": options},
+        {
+            "prompt": "and now",
+            "images": [png((0, 200, 0))],
+            "options": {"temperature": 1.0, "seed": 5, "num_predict": 24},
+        },
+    ]
+
+    def ask(spec: dict) -> str:
+        return client.generate(LLAVA, **spec).response
+
+    def running() -> int:
+        return sum(m["running_requests"] for m in httpx.get(f"{server}/status", timeout=60).json()["loaded_models"])
+
+    alone = [ask(spec) for spec in specs]
+    with ThreadPoolExecutor(len(specs)) as pool:
+        first = pool.submit(ask, stream)
+        deadline = time.monotonic() + 60
+        while running() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rest = list(pool.map(ask, specs[1:]))
+        together = [first.result(), *rest]
+    assert together == alone
 
 
 def test_ollama_fits_a_long_chat_by_dropping_old_messages_with_their_images(client: ollama.Client) -> None:

@@ -1,0 +1,94 @@
+"""The transformers engine's decode loop alone: `python -m bench.decode_loop [LEVELS] [BASELINE.py]`.
+
+Builds the benchmark's random Llama (768 wide, 12 layers, bf16), drives runners/batching.py's
+scheduler directly with N greedy 64-token requests submitted at once (no pool, no HTTP) and prints
+the median tokens/s of 3 rounds per level. With a BASELINE (another version of runners/batching.py,
+e.g. `git show main:runners/batching.py > /tmp/main_batching.py`) both schedulers drive the same
+model in this process, their rounds alternating (6 each, which goes first alternating too), so a
+machine that speeds up or slows down moves both alike. Run it under the bench lock.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+import runners.batching
+from bench.__main__ import PROMPT
+from runners.base import Chunk, GenerationRequest, PreparedPrompt, SamplingOptions
+from tests.support.tiny_models import build_tiny_llama
+
+NEW_TOKENS = 64
+
+
+def load_baseline(path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("baseline_batching", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    levels = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "1,8").split(",")]
+    loops = {"this": runners.batching}
+    if len(sys.argv) > 2:
+        loops["baseline"] = load_baseline(sys.argv[2])
+    with tempfile.TemporaryDirectory(prefix="decode-loop-") as tmp:
+        source = build_tiny_llama(
+            Path(tmp), hidden_size=768, layers=12, intermediate_size=2048, heads=12, context=2048, dtype="bfloat16"
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
+    gc.collect()
+    gc.freeze()
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    eos = frozenset([tokenizer.eos_token_id])
+    schedulers = {name: (module, module.BatchScheduler(model, name, max(levels))) for name, module in loops.items()}
+
+    def run(module: ModuleType, scheduler: Any, n: int, new_tokens: int) -> float:
+        """Tokens/s of n requests submitted at once."""
+        done = threading.Semaphore(0)
+
+        def emit(chunk: Chunk | BaseException) -> None:
+            if isinstance(chunk, BaseException) or chunk.finish_reason:
+                done.release()
+
+        started = time.perf_counter()
+        for _ in range(n):
+            options = SamplingOptions(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+            prepared = PreparedPrompt(GenerationRequest(prompt=PROMPT, options=options), PROMPT, ids, new_tokens)
+            scheduler.submit(module.Sequence(prepared, tokenizer, eos, "cpu", None, emit))
+        for _ in range(n):
+            done.acquire()
+        return n * new_tokens / (time.perf_counter() - started)
+
+    for module, scheduler in schedulers.values():
+        run(module, scheduler, 1, 4)  # warm up (and learn the cache's kind)
+    rounds = 3 if len(schedulers) == 1 else 6
+    for n in levels:
+        rates: dict[str, list[float]] = {name: [] for name in schedulers}
+        for i in range(rounds):
+            for name in list(schedulers)[:: 1 if i % 2 == 0 else -1]:
+                rates[name].append(run(*schedulers[name], n, NEW_TOKENS))
+        for name, got in rates.items():
+            rounds_text = ", ".join(f"{r:.0f}" for r in got)
+            print(f"{n} streams, {name}: {statistics.median(got):.1f} tok/s (rounds: {rounds_text})", flush=True)
+    for _, scheduler in schedulers.values():
+        scheduler.close()
+
+
+if __name__ == "__main__":
+    main()
