@@ -1,19 +1,21 @@
-"""The transformers engine's decode loop alone: `python -m bench.decode_loop [LEVELS] [BASELINE.py]`.
+"""The transformers engine's decode loop alone: `python -m bench.decode_loop [LEVELS] [BASELINE.py] [--stock]`.
 
 Builds the benchmark's random Llama (768 wide, 12 layers, bf16), drives runners/batching.py's
 scheduler directly with N greedy 64-token requests submitted at once (no pool, no HTTP) and prints
 the median tokens/s of 3 rounds per level. With a BASELINE (another version of runners/batching.py,
 e.g. `git show main:runners/batching.py > /tmp/main_batching.py`) both schedulers drive the same
 model in this process, their rounds alternating (6 each, which goes first alternating too), so a
-machine that speeds up or slows down moves both alike. Run it under the bench lock.
+machine that speeds up or slows down moves both alike. The model gets what the engine gives a model
+on CPU (runners/cpu_speedups.py: packed weights, the decode attention, CPU_THREADS' default);
+`--stock` leaves it as transformers loads it. Run it under the bench lock.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib.util
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -26,6 +28,7 @@ import torch
 import runners.batching
 from bench.__main__ import PROMPT
 from runners.base import Chunk, GenerationRequest, PreparedPrompt, SamplingOptions
+from runners.cpu_speedups import apply_cpu_speedups, engine_threads
 from tests.support.tiny_models import build_tiny_llama
 
 NEW_TOKENS = 64
@@ -42,16 +45,24 @@ def load_baseline(path: str) -> ModuleType:
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    levels = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "1,8").split(",")]
+    parser = argparse.ArgumentParser(prog="python -m bench.decode_loop", description=__doc__.splitlines()[0])
+    parser.add_argument("levels", nargs="?", default="1,8", help="streams per round, comma-separated")
+    parser.add_argument("baseline", nargs="?", help="another runners/batching.py, run alternating with this one")
+    parser.add_argument("--stock", action="store_true", help="no CPU fast paths, torch's default threads")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
     loops = {"this": runners.batching}
-    if len(sys.argv) > 2:
-        loops["baseline"] = load_baseline(sys.argv[2])
+    if args.baseline:
+        loops["baseline"] = load_baseline(args.baseline)
     with tempfile.TemporaryDirectory(prefix="decode-loop-") as tmp:
         source = build_tiny_llama(
             Path(tmp), hidden_size=768, layers=12, intermediate_size=2048, heads=12, context=2048, dtype="bfloat16"
         )
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
+    if not args.stock:  # as TransformersRunner.load on CPU
+        torch.set_num_threads(engine_threads(0))
+        print("CPU fast paths:", ", ".join(apply_cpu_speedups(model, max(levels))), flush=True)
     gc.collect()
     gc.freeze()
     ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
