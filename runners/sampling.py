@@ -43,14 +43,14 @@ def next_token(
     if options.repeat_penalty != 1.0 and options.repeat_last_n != 0:
         window = context if options.repeat_last_n < 0 else context[-options.repeat_last_n :]
         if window:
-            ids = torch.tensor(sorted(set(window)), device=logits.device)
-            seen = logits[ids]
-            logits[ids] = torch.where(seen > 0, seen / options.repeat_penalty, seen * options.repeat_penalty)
+            in_window = torch.tensor(sorted(set(window)), device=logits.device)
+            seen = logits[in_window]
+            logits[in_window] = torch.where(seen > 0, seen / options.repeat_penalty, seen * options.repeat_penalty)
     if generated and (options.presence_penalty or options.frequency_penalty):
         counts = Counter(generated)
-        ids = torch.tensor(list(counts), device=logits.device)
+        counted = torch.tensor(list(counts), device=logits.device)
         freq = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
-        logits[ids] -= options.presence_penalty + options.frequency_penalty * freq
+        logits[counted] -= options.presence_penalty + options.frequency_penalty * freq
     if options.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = logits / options.temperature
