@@ -44,12 +44,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--dtype", default="bfloat16", help="the checkpoint's dtype (most Hub models: bfloat16)")
     parser.add_argument("--backends", default="auto", help="transformers,vllm or auto (vLLM when importable)")
+    parser.add_argument("--settle", type=float, default=3, help="seconds of quiet before each paired round (default 3)")
     parser.add_argument("--quick", action="store_true", help="smallest size: a smoke check, not a measurement")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for JSON and PNG")
     args = parser.parse_args()
     if args.quick:
         args.concurrency, args.max_tokens, args.repeats, args.hidden, args.layers = "1,2", 8, 1, 64, 2
-        args.ttft_samples = 3
+        args.ttft_samples, args.settle = 3, 0
     return args
 
 
@@ -120,6 +121,7 @@ def paired_rows(backend: str, ours: str, theirs: str, levels: list[int], args: a
             for i in range(args.repeats):
                 sides = [(ours, dialect, mine), (theirs, versus, vllms)]
                 for url, d, into in sides if i % 2 == 0 else sides[::-1]:
+                    time.sleep(args.settle)  # the other server's processes go idle before this round
                     into.append(asyncio.run(run_round(url, d, MODEL, PROMPT, args.max_tokens, level)))
             ratio = statistics.median(
                 m.tokens_per_second / v.tokens_per_second for m, v in zip(mine, vllms, strict=True)

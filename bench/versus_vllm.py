@@ -50,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--settle", type=float, default=0, help="seconds of quiet before each round")
     parser.add_argument("--hold", type=float, default=0, help="seconds to keep the servers up afterwards")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     return parser.parse_args()
@@ -69,7 +70,8 @@ def build_model(root: Path, args: argparse.Namespace) -> Path:
     return source
 
 
-def tokens_per_second(url: str, dialect: str, max_tokens: int, level: int) -> float:
+def tokens_per_second(url: str, dialect: str, max_tokens: int, level: int, settle: float = 0) -> float:
+    time.sleep(settle)  # the other server's processes go idle before this round starts
     return asyncio.run(run_round(url, dialect, MODEL, PROMPT, max_tokens, level)).tokens_per_second
 
 
@@ -84,7 +86,10 @@ def paired(ours: str, theirs: str, args: argparse.Namespace) -> list[dict[str, A
             for i in range(args.pairs):
                 # Alternate which side goes first, so neither always follows the other's round.
                 order = [(ours, our_dialect), (theirs, their_dialect)]
-                a, b = (tokens_per_second(url, d, args.max_tokens, level) for url, d in order[:: 1 if i % 2 else -1])
+                a, b = (
+                    tokens_per_second(url, d, args.max_tokens, level, args.settle)
+                    for url, d in order[:: 1 if i % 2 else -1]
+                )
                 m, v = (b, a) if i % 2 == 0 else (a, b)
                 mine.append(m)
                 vllms.append(v)
