@@ -9,6 +9,7 @@ request, whatever the reader's pace, and its text is bounded by the request's to
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from runners.base import Chunk
 
@@ -48,15 +49,14 @@ class ChunkCollector:
 
 
 def merge(first: Chunk, then: Chunk) -> Chunk:
-    """Two consecutive chunks of one stream as one (the later one's finish and counts win)."""
+    """Two consecutive chunks of one stream as one: text, tokens and logprobs joined, everything
+    else (finish reason, counts, the stop sequence that ended it) the later one's."""
     logprobs = None
     if first.logprobs is not None or then.logprobs is not None:
         logprobs = [*(first.logprobs or []), *(then.logprobs or [])]
-    return Chunk(
-        first.text + then.text,
-        finish_reason=then.finish_reason,
-        prompt_tokens=then.prompt_tokens,
-        completion_tokens=then.completion_tokens,
+    return replace(
+        then,
+        text=first.text + then.text,
         logprobs=logprobs,
         token_ids=[*first.token_ids, *then.token_ids],
     )
