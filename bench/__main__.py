@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.baselines import run_baseline, server_dtype
-from bench.loadgen import DIALECTS, LoadResult, run_round, server_ttft, single_stream_ttfts, summarize
+from bench.loadgen import (
+    DIALECTS,
+    LoadResult,
+    alternating_rounds,
+    run_round,
+    server_ttft,
+    single_stream_ttfts,
+    summarize,
+    versus_dialect,
+)
 from bench.plot import render
 from bench.report import markdown, targets, write_json
 from bench.server_env import bench_server_env
@@ -114,15 +123,19 @@ def paired_rows(backend: str, ours: str, theirs: str, levels: list[int], args: a
     for url in (ours, theirs):  # load and warm up
         asyncio.run(run_round(url, "openai", MODEL, PROMPT, 2, max(levels)))
     for dialect in (*DIALECTS, "openai-json"):
-        versus = "openai" if dialect == "ollama" else dialect
+        versus = versus_dialect(dialect)
         for level in levels:
-            mine: list[LoadResult] = []
-            vllms: list[LoadResult] = []
-            for i in range(args.repeats):
-                sides = [(ours, dialect, mine), (theirs, versus, vllms)]
-                for url, d, into in sides if i % 2 == 0 else sides[::-1]:
-                    time.sleep(args.settle)  # the other server's processes go idle before this round
-                    into.append(asyncio.run(run_round(url, d, MODEL, PROMPT, args.max_tokens, level)))
+            mine, vllms = alternating_rounds(
+                ours,
+                theirs,
+                dialect,
+                level,
+                args.repeats,
+                model=MODEL,
+                prompt=PROMPT,
+                max_tokens=args.max_tokens,
+                settle=args.settle,
+            )
             ratio = statistics.median(
                 m.tokens_per_second / v.tokens_per_second for m, v in zip(mine, vllms, strict=True)
             )

@@ -113,6 +113,38 @@ async def run_round(url: str, dialect: str, model: str, prompt: str, max_tokens:
         return LoadResult(concurrency, time.perf_counter() - started, time.process_time() - cpu, list(timings))
 
 
+def versus_dialect(dialect: str) -> str:
+    """The stream of vLLM's own server a round of `dialect` is paired with (vLLM has no Ollama API:
+    the Ollama stream is paired with its OpenAI stream, the same tokens over the same kind of stream)."""
+    return "openai" if dialect == "ollama" else dialect
+
+
+def alternating_rounds(
+    ours: str,
+    theirs: str,
+    dialect: str,
+    level: int,
+    rounds: int,
+    *,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    settle: float,
+) -> tuple[list[LoadResult], list[LoadResult]]:
+    """`rounds` rounds each of this server (`dialect`) and of vLLM's own server (`versus_dialect`),
+    alternating, which side goes first alternating too, so a machine that speeds up or slows down
+    moves both alike; each round after `settle` seconds of quiet, so the other server's processes
+    are idle again. Returns (ours, theirs), pair by pair."""
+    mine: list[LoadResult] = []
+    vllms: list[LoadResult] = []
+    for i in range(rounds):
+        sides = [(ours, dialect, mine), (theirs, versus_dialect(dialect), vllms)]
+        for url, d, into in sides if i % 2 == 0 else sides[::-1]:
+            time.sleep(settle)
+            into.append(asyncio.run(run_round(url, d, model, prompt, max_tokens, level)))
+    return mine, vllms
+
+
 async def single_stream_ttfts(url: str, dialect: str, model: str, prompt: str, samples: int) -> list[float]:
     """Time to first token of `samples` requests sent one after another. Each asks for 2 tokens, so
     the first is delivered while the engine computes the next, as in any longer request."""

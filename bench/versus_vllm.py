@@ -27,17 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.__main__ import MODEL, PROMPT
 from bench.baselines import server_dtype
-from bench.loadgen import run_round
+from bench.loadgen import alternating_rounds, run_round, versus_dialect
 from bench.server_env import bench_server_env
 from bench.vllm_server import vllm_own_server
 from tests.support.server_process import running_server
 from tests.support.tiny_models import build_tiny_llama, install_into_hf_cache
-
-MODEL = "bench/random-llama"
-PROMPT = "Tell me a long story about the sea, the wind and a small boat that " * 2
-# (our dialect, the vLLM server's dialect it is compared with)
-PAIRS = (("openai", "openai"), ("openai-json", "openai-json"), ("ollama", "openai"))
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,30 +66,28 @@ def build_model(root: Path, args: argparse.Namespace) -> Path:
     return source
 
 
-def tokens_per_second(url: str, dialect: str, max_tokens: int, level: int, settle: float = 0) -> float:
-    time.sleep(settle)  # the other server's processes go idle before this round starts
+def tokens_per_second(url: str, dialect: str, max_tokens: int, level: int) -> float:
     return asyncio.run(run_round(url, dialect, MODEL, PROMPT, max_tokens, level)).tokens_per_second
 
 
 def paired(ours: str, theirs: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    wanted = set(args.dialects.split(","))
     for level in (int(c) for c in args.concurrency.split(",")):
-        for our_dialect, their_dialect in PAIRS:
-            if our_dialect not in wanted:
-                continue
-            mine, vllms, ratios = [], [], []
-            for i in range(args.pairs):
-                # Alternate which side goes first, so neither always follows the other's round.
-                order = [(ours, our_dialect), (theirs, their_dialect)]
-                a, b = (
-                    tokens_per_second(url, d, args.max_tokens, level, args.settle)
-                    for url, d in order[:: 1 if i % 2 else -1]
-                )
-                m, v = (b, a) if i % 2 == 0 else (a, b)
-                mine.append(m)
-                vllms.append(v)
-                ratios.append(m / v)
+        for our_dialect in args.dialects.split(","):
+            their_dialect = versus_dialect(our_dialect)
+            rounds = alternating_rounds(
+                ours,
+                theirs,
+                our_dialect,
+                level,
+                args.pairs,
+                model=MODEL,
+                prompt=PROMPT,
+                max_tokens=args.max_tokens,
+                settle=args.settle,
+            )
+            mine, vllms = ([r.tokens_per_second for r in side] for side in rounds)
+            ratios = [m / v for m, v in zip(mine, vllms, strict=True)]
             row = {
                 "dialect": our_dialect,
                 "versus": their_dialect,
