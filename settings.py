@@ -104,12 +104,12 @@ class Settings(BaseSettings):
     # vLLM without compilation (torch.compile, and CUDA graphs on a GPU). Unset: the engine's
     # default per device (runners/vllm.py says which and why).
     enforce_eager: bool | None = Field(None, description="vLLM runs uncompiled; unset: the device's default")
-    # LoRA adapters on vLLM (vLLM's own limits): adapters one batch holds, and the largest rank it
-    # serves; an adapter beyond them (or one vLLM refuses) is served by PEFT on transformers.
     # The transformers engine's torch threads on CPU. 0: one per core less one, which the serving
     # process's own threads (HTTP, tokenizing, streaming) keep: sharing every core with them stalls
     # each step's threads at their barriers (tokens/s at 8 streams on 2 cores: 1 thread 218, 2: 188).
     cpu_threads: int = Field(0, ge=0, description="torch threads of the transformers engine on CPU; 0: cores - 1")
+    # LoRA adapters on vLLM (vLLM's own limits): adapters one batch holds, and the largest rank it
+    # serves; an adapter beyond them (or one vLLM refuses) is served by PEFT on transformers.
     max_loras: int = Field(4, ge=1, description="LoRA adapters of one base in one vLLM batch")
     max_lora_rank: int = Field(64, description="largest LoRA rank vLLM serves (one of vLLM's sizes)")
     gpu_count: int | None = Field(
