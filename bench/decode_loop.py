@@ -1,4 +1,4 @@
-"""The transformers engine's decode loop alone: `python -m bench.decode_loop [LEVELS] [BASELINE.py] [--stock]`.
+"""The transformers engine's decode loop alone: `python -m bench.decode_loop [LEVELS] [BASELINE.py] [OPTIONS]`.
 
 Builds the benchmark's random Llama (768 wide, 12 layers, bf16), drives runners/batching.py's
 scheduler directly with N greedy 64-token requests submitted at once (no pool, no HTTP) and prints
@@ -7,7 +7,8 @@ e.g. `git show main:runners/batching.py > /tmp/main_batching.py`) both scheduler
 model in this process, their rounds alternating (6 each, which goes first alternating too), so a
 machine that speeds up or slows down moves both alike. The model gets what the engine gives a model
 on CPU (runners/cpu_speedups.py: packed weights, the decode attention, CPU_THREADS' default);
-`--stock` leaves it as transformers loads it. Run it under the bench lock.
+`--stock` leaves it as transformers loads it; `--torch-attention` alternates this loop with its C++
+decode attention (runners/native_kernels.py) and without it (the torch path). Run it under the bench lock.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 import runners.batching
 from bench.__main__ import PROMPT
+from runners import native_kernels
 from runners.base import Chunk, GenerationRequest, PreparedPrompt, SamplingOptions
 from runners.cpu_speedups import apply_cpu_speedups, engine_threads
 from tests.support.tiny_models import build_tiny_llama
@@ -49,6 +51,9 @@ def main() -> None:
     parser.add_argument("levels", nargs="?", default="1,8", help="streams per round, comma-separated")
     parser.add_argument("baseline", nargs="?", help="another runners/batching.py, run alternating with this one")
     parser.add_argument("--stock", action="store_true", help="no CPU fast paths, torch's default threads")
+    parser.add_argument(
+        "--torch-attention", action="store_true", help="alternate with the decode attention's torch path as baseline"
+    )
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     loops = {"this": runners.batching}
@@ -68,6 +73,11 @@ def main() -> None:
     ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     eos = frozenset([tokenizer.eos_token_id])
     schedulers = {name: (module, module.BatchScheduler(model, name, max(levels))) for name, module in loops.items()}
+    kernel = native_kernels._kernel
+    kernels = {name: kernel for name in schedulers}  # the C++ decode attention each variant runs with
+    if args.torch_attention:
+        schedulers["torch attention"] = schedulers["this"]
+        kernels["torch attention"] = None
 
     def run(module: ModuleType, scheduler: Any, n: int, new_tokens: int) -> float:
         """Tokens/s of n requests submitted at once."""
@@ -93,11 +103,12 @@ def main() -> None:
         rates: dict[str, list[float]] = {name: [] for name in schedulers}
         for i in range(rounds):
             for name in list(schedulers)[:: 1 if i % 2 == 0 else -1]:
+                native_kernels._kernel = kernels[name]
                 rates[name].append(run(*schedulers[name], n, NEW_TOKENS))
         for name, got in rates.items():
             rounds_text = ", ".join(f"{r:.0f}" for r in got)
             print(f"{n} streams, {name}: {statistics.median(got):.1f} tok/s (rounds: {rounds_text})", flush=True)
-    for _, scheduler in schedulers.values():
+    for _, scheduler in {id(s): s for s in schedulers.values()}.values():
         scheduler.close()
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from runners import native_kernels
+
 logger = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "sdpa_cpu_decode"  # the attention implementation's name in transformers' registry
@@ -41,6 +43,8 @@ def apply_cpu_speedups(model: Any, batch_rows: int) -> list[str]:
         _register_decode_attention()
         model.set_attn_implementation(DECODE_ATTENTION)
         applied.append("decode attention")
+        if model.dtype == torch.bfloat16 and native_kernels.load():
+            applied.append("its C++ kernel")
     packed = pack_linear_weights(model, batch_rows)
     if packed:
         applied.append(f"{packed} packed linear weights")
@@ -65,7 +69,8 @@ def decode_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract (query [b, heads, q, d], key/value [b, kv heads,
     k, d]; returns [b, q, heads, d]). One query token on CPU: matmul, softmax in float32, matmul,
-    with the query heads of one key/value head grouped instead of repeating the keys. Else SDPA."""
+    with the query heads of one key/value head grouped instead of repeating the keys (or the C++
+    kernel of runners/native_kernels.py, which does the same reading the bf16 cache as it is). Else SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, length, dim = query.shape
@@ -73,10 +78,16 @@ def decode_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    scale = dim**-0.5 if scaling is None else scaling
+    if attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.shape[1:3] == (1, 1)):
+        visible = None if attention_mask is None else attention_mask[:, 0, 0, :]
+        output = native_kernels.decode_attention(query, key, value, visible, scale)
+        if output is not None:
+            return output, None
     kv_heads = key.shape[1]
     # In float32, as SDPA's kernel accumulates: bf16 scores would move near-tied tokens.
     grouped = query.view(batch, kv_heads, heads // kv_heads, dim).float()  # head h reads kv head h // group
-    scores = torch.matmul(grouped, key.float().transpose(-1, -2)) * (dim**-0.5 if scaling is None else scaling)
+    scores = torch.matmul(grouped, key.float().transpose(-1, -2)) * scale
     if attention_mask is not None:  # [b, 1, 1, k]: True (or 0) where the row may attend
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, float("-inf"))

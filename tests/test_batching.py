@@ -175,3 +175,27 @@ def test_a_long_prompt_prefilled_in_chunks_beside_a_running_stream_changes_neith
             second = complete(url, long_spec)
             together = [first.result(), second]
         assert together == alone
+
+
+def test_a_bf16_model_batched_on_the_cpu_kernels_gets_its_solo_outputs(tmp_path: Path) -> None:
+    """A bf16 checkpoint with 64-wide heads takes the engine's CPU fast paths (packed weights, and
+    the C++ decode attention where this machine can build it, runners/native_kernels.py): batched,
+    each request still gets what it gets alone (tests/unit/test_native_kernels.py shows such a model
+    takes the kernel)."""
+    source = build_tiny_llama(tmp_path / "bf16", hidden_size=256, heads=4, layers=2, context=2048, dtype="bfloat16")
+    install_into_hf_cache(source, tmp_path / "hf" / "hub", MODEL)
+    env = {
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_ENDPOINT": UNREACHABLE_HUB,
+        "DATA_DIR": str(tmp_path / "data"),
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "MAX_BATCH_SIZE": "8",
+        "BACKEND": "transformers",  # BACKEND=auto serves a bf16 Llama on CPU with vLLM
+    }
+    specs = [spec for spec in REQUESTS if spec["max_tokens"] <= 600]
+    with running_server(env, tmp_path / "server.log") as url:
+        alone = [complete(url, spec) for spec in specs]
+        with BatchWatcher(url) as watcher, ThreadPoolExecutor(len(specs)) as pool:
+            together = list(pool.map(lambda spec: complete(url, spec), specs))
+        assert watcher.largest >= 3, "the requests never shared a batch"
+        assert together == alone
