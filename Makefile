@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 # machines (scripts/install-vllm.sh). VLLM=no leaves it out: every model then runs on transformers.
 VLLM ?= yes
 
-.PHONY: install install-test postgres serve lint test bench bento clean
+.PHONY: install install-test postgres compiler serve lint test bench bento clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,12 +41,20 @@ postgres:
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; \
 	fi
 
+# The transformers engine's C++ kernels (runners/native_kernels.py) are built with the machine's
+# C++ compiler; their tests need one: Debian's g++, installed when missing.
+compiler:
+	@if ! command -v c++ >/dev/null; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq g++ >/dev/null; \
+	fi
+
 lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: install-test postgres
+test: install-test postgres compiler
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
