@@ -9,7 +9,8 @@ and called through ctypes; without a C++ compiler the engine keeps its torch pat
   project's 2-core EPYC: 2-4x faster per layer at 100-1000 cached tokens.
 
 Built with `-march=native` into a folder keyed by the source, the compiler and the CPU's flags, so a
-cache shared between machines of different CPUs never loads a build for another one. Built once per
+cache shared between machines of different CPUs never loads a build for another one (under the
+temporary directory where the cache cannot be written). Built once per
 machine (about a second); each later process loads the build. The kernel runs on one thread: the
 engine uses it when torch runs one thread too (CPU_THREADS' default on up to 2 cores), and torch's
 parallel matmuls otherwise.
@@ -52,6 +53,19 @@ def cache_dir() -> Path:
     return Path(base) / "ai-server" / "kernels"
 
 
+def _writable_folder(key: str) -> Path:
+    """cache_dir()/key, created; a folder of this user's under the temporary directory where the
+    cache cannot be written (a read-only home in a container)."""
+    for root in (cache_dir(), Path(tempfile.gettempdir()) / f"ai-server-kernels-{os.getuid()}"):
+        try:
+            (root / key).mkdir(parents=True, exist_ok=True)
+            if os.access(root / key, os.W_OK):
+                return root / key
+        except OSError:
+            continue
+    raise OSError(f"no writable folder for the kernels' build (tried {cache_dir()} and the temporary directory)")
+
+
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -70,7 +84,9 @@ def _build(compiler: str) -> Path:
     target = cache_dir() / key / "decode_attention.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = _writable_folder(key) / "decode_attention.so"
+    if target.exists():
+        return target
     # Built beside the target and renamed onto it: processes building at once each load a whole file.
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(fd)

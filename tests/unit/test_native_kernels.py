@@ -118,8 +118,9 @@ def test_a_tiny_llama_with_64_wide_heads_decodes_the_stock_greedy_tokens(tmp_pat
 
 
 def test_builds_are_kept_per_machine_and_a_missing_compiler_leaves_the_torch_path(tmp_path) -> None:
-    """In fresh processes: the first builds into the cache folder, the second loads that build; with
-    CXX naming no compiler, `load` says False and the engine keeps its torch path."""
+    """In fresh processes: the first builds into the cache folder, the second loads that build; a
+    cache that cannot be created moves the build under the temporary directory; with CXX naming no
+    compiler, `load` says False and the engine keeps its torch path."""
     probe = (
         "import logging, sys; logging.basicConfig(level=logging.INFO)\n"
         "from runners import native_kernels\n"
@@ -139,6 +140,13 @@ def test_builds_are_kept_per_machine_and_a_missing_compiler_leaves_the_torch_pat
     mtime = built.stat().st_mtime_ns
     again = run()
     assert again.stdout == first.stdout and built.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    blocked = tmp_path / "a-file"  # a cache under a file cannot be created: the temporary directory
+    blocked.write_text("")
+    (tmp_path / "tmp").mkdir()
+    elsewhere = run(XDG_CACHE_HOME=str(blocked), TMPDIR=str(tmp_path / "tmp"))
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert elsewhere.stdout.startswith("True")
+    assert next((tmp_path / "tmp").rglob("decode_attention.so"))
     missing = run(CXX=str(tmp_path / "no-such-compiler"))
     assert missing.returncode == 0, missing.stderr
     assert missing.stdout.startswith("False") and "torch paths instead" in missing.stderr
