@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -39,21 +40,22 @@ def long_context_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("long"), context=8192)
 
 
+def serve(tmp_path: Path, model: Path, **env: str):
+    """`with serve(tmp_path, model, MAX_BATCH_SIZE="4") as url:` a real server with `model` pulled as MODEL."""
+    install_into_hf_cache(model, tmp_path / "hf" / "hub", MODEL)
+    base = {
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_ENDPOINT": UNREACHABLE_HUB,
+        "DATA_DIR": str(tmp_path / "data"),
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+    }
+    return running_server({**base, **env}, tmp_path / "server.log")
+
+
 @pytest.fixture
 def start(tmp_path: Path, long_context_model: Path) -> Callable[..., Iterator[str]]:
     """`with start(MAX_BATCH_SIZE="4") as url:` a real server with the long-context model pulled."""
-    install_into_hf_cache(long_context_model, tmp_path / "hf" / "hub", MODEL)
-
-    def server(**env: str):
-        base = {
-            "HF_HOME": str(tmp_path / "hf"),
-            "HF_ENDPOINT": UNREACHABLE_HUB,
-            "DATA_DIR": str(tmp_path / "data"),
-            "BENTOML_HOME": str(tmp_path / "bentoml"),
-        }
-        return running_server({**base, **env}, tmp_path / "server.log")
-
-    return server
+    return partial(serve, tmp_path, long_context_model)
 
 
 def complete(url: str, spec: dict) -> dict:
@@ -183,17 +185,9 @@ def test_a_bf16_model_batched_on_the_cpu_kernels_gets_its_solo_outputs(tmp_path:
     each request still gets what it gets alone (tests/unit/test_native_kernels.py shows such a model
     takes the kernel)."""
     source = build_tiny_llama(tmp_path / "bf16", hidden_size=256, heads=4, layers=2, context=2048, dtype="bfloat16")
-    install_into_hf_cache(source, tmp_path / "hf" / "hub", MODEL)
-    env = {
-        "HF_HOME": str(tmp_path / "hf"),
-        "HF_ENDPOINT": UNREACHABLE_HUB,
-        "DATA_DIR": str(tmp_path / "data"),
-        "BENTOML_HOME": str(tmp_path / "bentoml"),
-        "MAX_BATCH_SIZE": "8",
-        "BACKEND": "transformers",  # BACKEND=auto serves a bf16 Llama on CPU with vLLM
-    }
     specs = [spec for spec in REQUESTS if spec["max_tokens"] <= 600]
-    with running_server(env, tmp_path / "server.log") as url:
+    # BACKEND=auto would serve a bf16 Llama on CPU with vLLM.
+    with serve(tmp_path, source, MAX_BATCH_SIZE="8", BACKEND="transformers") as url:
         alone = [complete(url, spec) for spec in specs]
         with BatchWatcher(url) as watcher, ThreadPoolExecutor(len(specs)) as pool:
             together = list(pool.map(lambda spec: complete(url, spec), specs))
