@@ -8,7 +8,9 @@ model in this process, their rounds alternating (6 each, which goes first altern
 machine that speeds up or slows down moves both alike. The model gets what the engine gives a model
 on CPU (runners/cpu_speedups.py: packed weights, the decode attention, CPU_THREADS' default);
 `--stock` leaves it as transformers loads it; `--torch-attention` alternates this loop with its C++
-decode attention (runners/native_kernels.py) and without it (the torch path). Run it under the bench lock.
+decode attention (runners/native_kernels.py) and without it (the torch path); `--onednn-linear`
+alternates it with a second copy of the model whose linear weights are packed for oneDNN instead of
+the C++ linear kernel. Run it under the bench lock.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def main() -> None:
     parser.add_argument(
         "--torch-attention", action="store_true", help="alternate with the decode attention's torch path as baseline"
     )
+    parser.add_argument(
+        "--onednn-linear", action="store_true", help="alternate with oneDNN's packed linear layers as baseline"
+    )
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     loops = {"this": runners.batching}
@@ -65,9 +70,14 @@ def main() -> None:
         )
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
+        onednn = None
+        if args.onednn_linear:
+            onednn = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
     if not args.stock:  # as TransformersRunner.load on CPU
         torch.set_num_threads(engine_threads(0))
         print("CPU fast paths:", ", ".join(apply_cpu_speedups(model, max(levels))), flush=True)
+        if onednn is not None:
+            print("baseline:", ", ".join(apply_cpu_speedups(onednn, max(levels), native_linear=False)), flush=True)
     gc.collect()
     gc.freeze()
     ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
@@ -75,6 +85,9 @@ def main() -> None:
     schedulers = {name: (module, module.BatchScheduler(model, name, max(levels))) for name, module in loops.items()}
     kernel = native_kernels._kernel
     kernels = {name: kernel for name in schedulers}  # the C++ decode attention each variant runs with
+    if onednn is not None:
+        schedulers["oneDNN linear"] = (runners.batching, runners.batching.BatchScheduler(onednn, "onednn", max(levels)))
+        kernels["oneDNN linear"] = kernel
     if args.torch_attention:
         schedulers["torch attention"] = schedulers["this"]
         kernels["torch attention"] = None

@@ -7,6 +7,12 @@ and called through ctypes; without a C++ compiler the engine keeps its torch pat
   is, one (row, key/value head) at a time, and accumulates in float32 as the torch path does
   (AVX-512 where the CPU has it, plain C++ elsewhere). Measured with the bench's model on this
   project's 2-core EPYC: 2-4x faster per layer at 100-1000 cached tokens.
+- **bf16 linear layers** (`native/linear_bf16.cpp`, AVX512-BF16 only). oneDNN's packed matmul reads
+  the weights at 11-13 GB/s at one row, where a plain read of this machine's memory runs at 23. The
+  kernel streams a weight repacked once for the pair dot product (`vdpbf16ps`): at 1-16 rows
+  1.4-2.3x faster than oneDNN's packed call on the bench's shapes, and as fast at a prompt's
+  hundreds of rows. Each row's sums run in the same order whatever the batch, so a row's result
+  does not depend on what it is batched with.
 
 Built with `-march=native` into a folder keyed by the source, the compiler and the CPU's flags, so a
 cache shared between machines of different CPUs never loads a build for another one (under the
@@ -34,17 +40,22 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "decode_attention.cpp"
+SOURCES = [Path(__file__).with_name("native") / name for name in ("decode_attention.cpp", "linear_bf16.cpp")]
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
 _kernel: Any = None  # decode_attention_bf16, once built and loaded
+_linear: Any = None  # linear_bf16, where the build has its AVX512-BF16 path
+_pack: Any = None  # linear_bf16_pack
 _tried = False
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # decode_attention_bf16's C signature (native/decode_attention.cpp).
 _ARGUMENTS: list[Any] = [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR]
 _ARGUMENTS += [_I64, _I64, _I64, _I64, ctypes.c_float, _I64, _I64]
+_LINEAR_ARGUMENTS: list[Any] = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64]
+_PACK_ARGUMENTS: list[Any] = [_PTR, _I64, _I64, _I64, _PTR]
+LINEAR_GROUP = 64  # outputs per packed group (native/linear_bf16.cpp's kGroup)
 
 
 def cache_dir() -> Path:
@@ -78,20 +89,21 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), " ".join(FLAGS), version, platform.machine(), _cpu_flags()]).encode()
-    ).hexdigest()[:16]
-    target = cache_dir() / key / "decode_attention.so"
+    sources = [source.read_text() for source in SOURCES]
+    key_text = "\n".join([*sources, " ".join(FLAGS), version, platform.machine(), _cpu_flags()])
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
+    target = cache_dir() / key / "kernels.so"
     if target.exists():
         return target
-    target = _writable_folder(key) / "decode_attention.so"
+    target = _writable_folder(key) / "kernels.so"
     if target.exists():
         return target
     # Built beside the target and renamed onto it: processes building at once each load a whole file.
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], check=True, capture_output=True, timeout=300)
+        command = [compiler, *FLAGS, *map(str, SOURCES), "-o", partial]
+        subprocess.run(command, check=True, capture_output=True, timeout=300)
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)
@@ -100,14 +112,14 @@ def _build(compiler: str) -> Path:
 
 def load() -> bool:
     """Build (or find) and load the kernels; True when they are usable. Failures are logged once."""
-    global _kernel, _tried
+    global _kernel, _linear, _pack, _tried
     with _lock:
         if _tried:
             return _kernel is not None
         _tried = True
         compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
         if not compiler:
-            logger.info("no C++ compiler on this machine: the CPU decode attention keeps its torch path")
+            logger.info("no C++ compiler on this machine: the CPU kernels leave their work to torch and oneDNN")
             return False
         try:
             library = ctypes.CDLL(str(_build(compiler)))
@@ -119,6 +131,12 @@ def load() -> bool:
         kernel.argtypes = _ARGUMENTS
         kernel.restype = ctypes.c_int
         _kernel = kernel
+        if library.linear_bf16_supported():
+            library.linear_bf16.argtypes = _LINEAR_ARGUMENTS
+            library.linear_bf16.restype = None
+            library.linear_bf16_pack.argtypes = _PACK_ARGUMENTS
+            library.linear_bf16_pack.restype = None
+            _linear, _pack = library.linear_bf16, library.linear_bf16_pack
         return True
 
 
@@ -152,3 +170,38 @@ def decode_attention(
         heads, kv_heads, columns, dim, scale, 0, batch * kv_heads,
     )  # fmt: skip
     return None if failed else out
+
+
+def linear_supported() -> bool:
+    """Whether the linear kernel is loaded (this CPU has AVX512-BF16); call `load()` first."""
+    return _linear is not None
+
+
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight [out, in] (in even) repacked for `linear`: [ceil(out / 64), in / 2, 64, 2]."""
+    assert _pack is not None and weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.shape[1] % 2 == 0
+    outputs, inputs = weight.shape
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    groups = -(-outputs // LINEAR_GROUP)
+    packed = torch.empty(groups, inputs // 2, LINEAR_GROUP, 2, dtype=torch.bfloat16)
+    _pack(weight.data_ptr(), weight.stride(0), outputs, inputs, packed.data_ptr())
+    return packed
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, outputs: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] times a `pack_linear` weight, plus bias (float32, or None): [..., outputs], in
+    x's dtype (computed in bf16 with float32 sums, as torch's bf16 linear). On the calling thread."""
+    assert _linear is not None
+    inputs = x.shape[-1]
+    rows = x.reshape(-1, inputs)
+    if rows.dtype != torch.bfloat16:
+        rows = rows.to(torch.bfloat16)
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < inputs):
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], outputs, dtype=torch.bfloat16)
+    if rows.shape[0]:
+        _linear(
+            rows.data_ptr(), rows.stride(0), rows.shape[0], inputs, packed.data_ptr(), outputs,
+            None if bias is None else bias.data_ptr(), out.data_ptr(), outputs, 0, packed.shape[0],
+        )  # fmt: skip
+    return out.view(*x.shape[:-1], outputs).to(x.dtype)

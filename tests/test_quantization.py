@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runners.cpu_speedups import DECODE_ATTENTION, PackedLinear, engine_threads, packing_supported
+from runners import native_kernels
+from runners.cpu_speedups import DECODE_ATTENTION, NativeLinear, PackedLinear, engine_threads, packing_supported
 from runners.quantization import bf16_cpu_feature
 from tests.support.bodies import chat_body
 from tests.support.tiny_models import build_tiny_llama
@@ -40,11 +41,17 @@ def test_a_bf16_checkpoint_loads_as_this_cpu_allows(serve, install_model, bf16_l
     assert {str(p.dtype) for p in weights.parameters()} == {"torch.bfloat16" if feature else "torch.float32"}
     # The CPU fast paths (runners/cpu_speedups.py; their outputs: tests/unit/test_cpu_speedups.py).
     assert weights.config._attn_implementation == DECODE_ATTENTION
-    assert any(isinstance(m, PackedLinear) for m in weights.modules()) == (bool(feature) and packing_supported())
     decode_threads = runner._scheduler.between_steps(torch.get_num_threads)  # asked on the decode thread
     assert decode_threads == engine_threads(0) == max(1, len(os.sched_getaffinity(0)) - 1)
+    # Linear weights: for the C++ kernel on one thread where the CPU has AVX512-BF16, else oneDNN's.
+    native = bool(feature) and decode_threads == 1 and native_kernels.load() and native_kernels.linear_supported()
+    kinds = {type(m) for m in weights.modules()}
+    assert (NativeLinear in kinds) == native
+    assert (PackedLinear in kinds) == (bool(feature) and not native and packing_supported())
 
     client = serve(CPU_THREADS="2")  # a restart with the setting: the engine's threads follow it
     assert client.post("/chat", json=chat_body(BF16_LLAMA, max_tokens=1)).status_code == 200
     runner = current_runtime().pool.get_loaded(BF16_LLAMA).runner
     assert runner._scheduler.between_steps(torch.get_num_threads) == 2
+    kinds = {type(m) for m in runner.hf_model.modules()}  # the C++ linear kernel runs one thread
+    assert NativeLinear not in kinds and (PackedLinear in kinds) == (bool(feature) and packing_supported())

@@ -8,9 +8,11 @@ import torch
 
 from runners.cpu_speedups import (
     DECODE_ATTENTION,
+    NativeLinear,
     PackedLinear,
     apply_cpu_speedups,
     decode_attention,
+    native_linear_applies,
     pack_linear_weights,
     packing_supported,
 )
@@ -95,7 +97,8 @@ def test_a_tiny_llama_decodes_the_same_greedy_tokens(tmp_path) -> None:
     fast = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
     applied = apply_cpu_speedups(fast, batch_rows=2)
     assert fast.config._attn_implementation == DECODE_ATTENTION and "decode attention" in applied
-    assert any(type(m) is PackedLinear for m in fast.modules()) == packing_supported()
+    packed = any(type(m) in (PackedLinear, NativeLinear) for m in fast.modules())
+    assert packed == (native_linear_applies() or packing_supported())
 
     def greedy(model) -> list[list[int]]:
         ids = torch.tensor([[0, 0, 0, 5, 9, 11, 40], [7, 8, 9, 10, 11, 12, 13]])

@@ -135,8 +135,8 @@ def test_builds_are_kept_per_machine_and_a_missing_compiler_leaves_the_torch_pat
 
     first = run()
     assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith("True") and "decode_attention.so" in first.stdout
-    built = next((tmp_path / "ai-server" / "kernels").rglob("decode_attention.so"))
+    assert first.stdout.startswith("True") and "kernels.so" in first.stdout
+    built = next((tmp_path / "ai-server" / "kernels").rglob("kernels.so"))
     mtime = built.stat().st_mtime_ns
     again = run()
     assert again.stdout == first.stdout and built.stat().st_mtime_ns == mtime  # loaded, not rebuilt
@@ -146,7 +146,7 @@ def test_builds_are_kept_per_machine_and_a_missing_compiler_leaves_the_torch_pat
     elsewhere = run(XDG_CACHE_HOME=str(blocked), TMPDIR=str(tmp_path / "tmp"))
     assert elsewhere.returncode == 0, elsewhere.stderr
     assert elsewhere.stdout.startswith("True")
-    assert next((tmp_path / "tmp").rglob("decode_attention.so"))
+    assert next((tmp_path / "tmp").rglob("kernels.so"))
     missing = run(CXX=str(tmp_path / "no-such-compiler"))
     assert missing.returncode == 0, missing.stderr
     assert missing.stdout.startswith("False") and "torch paths instead" in missing.stderr
