@@ -127,6 +127,17 @@ class NativeLinear(torch.nn.Linear):
         return native_kernels.linear(input, self.weight, self.out_features, self.bias_float)
 
 
+class PackedEmbedding(torch.nn.Embedding):
+    """An nn.Embedding whose weight is an output head's, packed for the C++ linear kernel
+    ([ceil(vocab / 64), hidden / 2, 64, 2]): token t's row is [t // 64, :, t % 64, :]."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.numel() and (int(input.min()) < 0 or int(input.max()) >= self.num_embeddings):
+            raise IndexError("index out of range in self")  # as nn.Embedding: the padding rows are not tokens
+        group = native_kernels.LINEAR_GROUP
+        return self.weight[input // group, :, input % group].flatten(-2)
+
+
 def packing_supported() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
@@ -138,29 +149,40 @@ def native_linear_applies() -> bool:
 
 def pack_linear_weights(model: torch.nn.Module, batch_rows: int, native: bool = False) -> int:
     """Pack every plain bf16 CPU nn.Linear's weight in place, for oneDNN or (`native`) for the C++
-    kernel; returns how many. A weight another module shares (an output head tied to the
-    embeddings) stays as it is: the embedding reads it."""
+    kernel; returns how many. An output head tied to a plain nn.Embedding is packed for the C++
+    kernel with its embedding (`PackedEmbedding` reads rows from the packed weight: still one copy);
+    any other shared weight stays as it is."""
     if not (native or packing_supported()):
         return 0
     uses: dict[int, int] = {}
     for _, parameter in model.named_parameters(remove_duplicate=False):
         uses[id(parameter)] = uses.get(id(parameter), 0) + 1
+    holders: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            holders.setdefault(id(weight), []).append(module)
     packed = 0
     with torch.no_grad():
-        for module in model.modules():
+        for module in list(model.modules()):
             weight = getattr(module, "weight", None)
             if (
                 type(module) is not torch.nn.Linear  # quantized and adapter layers are subclasses: left alone
                 or weight is None
                 or weight.dtype != torch.bfloat16
                 or weight.device.type != "cpu"
-                or uses.get(id(weight), 0) != 1
             ):
                 continue
-            if native and weight.shape[1] % 2 == 0:
-                module.weight = torch.nn.Parameter(native_kernels.pack_linear(weight.detach()), requires_grad=False)
-                module.bias_float = None if module.bias is None else module.bias.detach().float()
-                module.__class__ = NativeLinear
+            native_fits = native and weight.shape[1] % 2 == 0
+            if uses.get(id(weight), 0) != 1:
+                embedding = _tied_embedding(module, holders.get(id(weight), []), uses.get(id(weight), 0))
+                if not (native_fits and embedding is not None):
+                    continue
+                _to_native(module, weight)
+                embedding.weight = module.weight
+                embedding.__class__ = PackedEmbedding
+            elif native_fits:
+                _to_native(module, weight)
             elif packing_supported():
                 module.weight = torch.nn.Parameter(
                     torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_rows), requires_grad=False
@@ -170,3 +192,19 @@ def pack_linear_weights(model: torch.nn.Module, batch_rows: int, native: bool = 
                 continue
             packed += 1
     return packed
+
+
+def _tied_embedding(head: torch.nn.Module, holders: list[torch.nn.Module], uses: int) -> torch.nn.Embedding | None:
+    """The plain nn.Embedding that shares the head's weight and nothing else does, if there is one
+    (subclasses, such as Gemma's scaled embedding, read the weight their own way: left alone)."""
+    others = [m for m in holders if m is not head]
+    if uses != 2 or len(others) != 1 or type(others[0]) is not torch.nn.Embedding:
+        return None
+    embedding = others[0]
+    return embedding if embedding.max_norm is None else None
+
+
+def _to_native(module: torch.nn.Module, weight: torch.Tensor) -> None:
+    module.weight = torch.nn.Parameter(native_kernels.pack_linear(weight.detach()), requires_grad=False)
+    module.bias_float = None if module.bias is None else module.bias.detach().float()
+    module.__class__ = NativeLinear

@@ -211,10 +211,12 @@ def build_tiny_llama(
     heads: int = 4,
     extra_tokens: tuple[str, ...] = (),
     dtype: str | None = None,
+    tie_embeddings: bool = False,
 ) -> Path:
     """A random-weight `LlamaForCausalLM` with its own tokenizer in `dst`, saved in `dtype` (float32 when
     None); returns `dst`. `chat_template` may be a template of its own (e.g. HERMES_TEMPLATE with
-    HERMES_TOKENS)."""
+    HERMES_TOKENS); `tie_embeddings` ties the output head to the embeddings (as Qwen2.5-0.5B and
+    Llama 3.2 1B)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     build_tokenizer(dst, chat_template, extra_tokens=extra_tokens)
@@ -230,6 +232,7 @@ def build_tiny_llama(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=tie_embeddings,
     )
     _save_seeded(dst, config, LlamaForCausalLM, seed, dtype)
     return dst

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from runners import native_kernels
-from runners.cpu_speedups import NativeLinear, PackedLinear, apply_cpu_speedups, pack_linear_weights
+from runners.cpu_speedups import (
+    NativeLinear,
+    PackedEmbedding,
+    PackedLinear,
+    apply_cpu_speedups,
+    pack_linear_weights,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernels with")
 
@@ -90,16 +96,70 @@ def test_views_other_shapes_and_dtypes_and_nan_rows() -> None:
         assert out[1].isnan().all() and not out[[0, 2, 3]].isnan().any()
 
 
-def test_what_stays_unpacked_and_what_goes_to_onednn() -> None:
-    """A head tied to the embeddings stays as it is; an odd number of inputs (no pairs) falls to
-    oneDNN's packing; with more than one torch thread the engine packs everything for oneDNN."""
-    tied = torch.nn.Embedding(64, 128).bfloat16()
+def test_what_goes_to_onednn_and_what_stays_unpacked() -> None:
+    """An odd number of inputs (no pairs) falls to oneDNN's packing; a head tied to an embedding
+    subclass (which reads the weight its own way, as Gemma's scaled one) stays as it is."""
+
+    class ScaledEmbedding(torch.nn.Embedding):
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            return super().forward(input) * 2.0
+
+    scaled = ScaledEmbedding(64, 128).bfloat16()
     head = torch.nn.Linear(128, 64, bias=False).bfloat16()
-    head.weight = tied.weight
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128).bfloat16(), torch.nn.Linear(33, 8).bfloat16(), tied, head)
+    head.weight = scaled.weight
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128).bfloat16(), torch.nn.Linear(33, 8).bfloat16(), scaled, head)
     assert pack_linear_weights(model, batch_rows=8, native=True) == 2
     assert type(model[0]) is NativeLinear and type(model[1]) is PackedLinear
-    assert type(head) is torch.nn.Linear and head.weight is tied.weight
+    assert type(head) is torch.nn.Linear and head.weight is scaled.weight and type(scaled) is ScaledEmbedding
+
+
+def test_a_head_tied_to_the_embeddings_is_packed_once_with_them() -> None:
+    """The output head is the largest matrix of small tied models (Qwen2.5-0.5B: 151936 x 896), and
+    unpacked it is re-laid out for oneDNN on every call. Packed, the embedding reads its rows from
+    the packed weight: one copy, the same rows, and out-of-range tokens still refused."""
+    torch.manual_seed(4)
+    embedding = torch.nn.Embedding(100, 64).bfloat16()  # 100 rows: the last group is partly padding
+    head = torch.nn.Linear(64, 100, bias=False).bfloat16()
+    head.weight = embedding.weight
+    original = embedding.weight.detach().clone()
+    model = torch.nn.Sequential(embedding, head)
+    assert pack_linear_weights(model, batch_rows=8, native=True) == 1
+    assert type(head) is NativeLinear and type(embedding) is PackedEmbedding and head.weight is embedding.weight
+    ids = torch.tensor([[0, 63, 64, 99], [5, 5, 70, 1]])
+    with torch.inference_mode():
+        assert torch.equal(embedding(ids), original[ids])
+        x = torch.randn(3, 64, dtype=torch.bfloat16)
+        expected = torch.nn.functional.linear(x.float(), original.float())
+        torch.testing.assert_close(head(x).float(), expected, rtol=2**-7, atol=1e-3)
+        for bad in (torch.tensor([100]), torch.tensor([-1])):
+            with pytest.raises(IndexError):
+                embedding(bad)
+
+
+def test_a_tied_llama_decodes_the_stock_greedy_tokens_from_one_copy(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.support.tiny_models import build_tiny_llama
+
+    source = build_tiny_llama(tmp_path, hidden_size=128, layers=2, heads=4, dtype="bfloat16", tie_embeddings=True)
+    stock = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
+    fast = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
+    apply_cpu_speedups(fast, batch_rows=2)
+    assert type(fast.lm_head) is NativeLinear and fast.lm_head.weight is fast.get_input_embeddings().weight
+    vocab = stock.config.vocab_size
+    padding = (-vocab % 64) * stock.config.hidden_size  # the packed head's last group
+    assert sum(p.numel() for p in fast.parameters()) == sum(p.numel() for p in stock.parameters()) + padding
+
+    def greedy(model) -> list[int]:
+        tokens = [5, 9, 11, 40, 3, 17]
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([tokens]))
+            for _ in range(16):
+                tokens.append(int(out.logits[0, -1].argmax()))
+                out = model(input_ids=torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values)
+        return tokens
+
+    assert greedy(fast) == greedy(stock)
 
 
 def test_the_engine_picks_the_kernel_on_one_thread_only(tmp_path) -> None:
@@ -117,15 +177,19 @@ def test_the_engine_picks_the_kernel_on_one_thread_only(tmp_path) -> None:
     assert not any(type(m) is NativeLinear for m in two.modules())
 
 
-def test_peft_adapters_run_over_the_kernels_weights(tmp_path) -> None:
+@pytest.mark.parametrize("tied", [False, True])
+def test_peft_adapters_run_over_the_kernels_weights(tmp_path, tied) -> None:
     """PEFT wraps the kernel's layers as it wraps nn.Linear: a mixed-adapter batch (one row with the
-    adapter, one without) gives what it gives over the stock model, within bf16's rounding."""
+    adapter, one without) gives what it gives over the stock model, within bf16's rounding; with a
+    tied head too."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from tests.support.tiny_models import build_lora_adapter, build_tiny_llama
 
-    source = build_tiny_llama(tmp_path / "base", hidden_size=128, layers=2, heads=4, dtype="bfloat16")
+    source = build_tiny_llama(
+        tmp_path / "base", hidden_size=128, layers=2, heads=4, dtype="bfloat16", tie_embeddings=tied
+    )
     adapter = build_lora_adapter(source, tmp_path / "adapter", seed=3, base_name="test-org/base")
     ids = torch.tensor([[5, 9, 11, 40, 41], [7, 8, 9, 10, 11]])
 
