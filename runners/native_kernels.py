@@ -46,7 +46,6 @@ FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _kernel: Any = None  # decode_attention_bf16, once built and loaded
 _linear: Any = None  # linear_bf16, where the build has its AVX512-BF16 path
-_pack: Any = None  # linear_bf16_pack
 _tried = False
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -54,7 +53,6 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGUMENTS: list[Any] = [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR]
 _ARGUMENTS += [_I64, _I64, _I64, _I64, ctypes.c_float, _I64, _I64]
 _LINEAR_ARGUMENTS: list[Any] = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64]
-_PACK_ARGUMENTS: list[Any] = [_PTR, _I64, _I64, _I64, _PTR]
 LINEAR_GROUP = 64  # outputs per packed group (native/linear_bf16.cpp's kGroup)
 
 
@@ -112,7 +110,7 @@ def _build(compiler: str) -> Path:
 
 def load() -> bool:
     """Build (or find) and load the kernels; True when they are usable. Failures are logged once."""
-    global _kernel, _linear, _pack, _tried
+    global _kernel, _linear, _tried
     with _lock:
         if _tried:
             return _kernel is not None
@@ -134,9 +132,7 @@ def load() -> bool:
         if library.linear_bf16_supported():
             library.linear_bf16.argtypes = _LINEAR_ARGUMENTS
             library.linear_bf16.restype = None
-            library.linear_bf16_pack.argtypes = _PACK_ARGUMENTS
-            library.linear_bf16_pack.restype = None
-            _linear, _pack = library.linear_bf16, library.linear_bf16_pack
+            _linear = library.linear_bf16
         return True
 
 
@@ -178,14 +174,13 @@ def linear_supported() -> bool:
 
 
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
-    """A bf16 weight [out, in] (in even) repacked for `linear`: [ceil(out / 64), in / 2, 64, 2]."""
-    assert _pack is not None and weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.shape[1] % 2 == 0
+    """A bf16 weight [out, in] (in even) laid out for `linear` (native/linear_bf16.cpp's packed
+    layout): [ceil(out / 64), in / 2, 64, 2], the outputs past `out` zero."""
+    assert weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.shape[1] % 2 == 0
     outputs, inputs = weight.shape
-    weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    groups = -(-outputs // LINEAR_GROUP)
-    packed = torch.empty(groups, inputs // 2, LINEAR_GROUP, 2, dtype=torch.bfloat16)
-    _pack(weight.data_ptr(), weight.stride(0), outputs, inputs, packed.data_ptr())
-    return packed
+    padded = torch.nn.functional.pad(weight, (0, 0, 0, -outputs % LINEAR_GROUP))
+    groups = padded.shape[0] // LINEAR_GROUP
+    return padded.view(groups, LINEAR_GROUP, inputs // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, outputs: int, bias: torch.Tensor | None) -> torch.Tensor:

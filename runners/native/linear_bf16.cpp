@@ -2,7 +2,8 @@
 // for AVX512-BF16's pair dot product (vdpbf16ps): the weight is read as one contiguous stream, each
 // 64-byte load feeds 16 outputs of every row in the block, and no horizontal sum is needed.
 //
-// Packed layout, for N outputs (padded to a multiple of 64 with zeros) and K inputs (even):
+// Packed layout (made by runners/native_kernels.py's pack_linear), for N outputs (padded to a
+// multiple of 64 with zeros) and K inputs (even):
 //   packed[group][pair][lane][2], group = output / 64, pair = input / 2, lane = output % 64,
 // so a group's weights are K * 64 contiguous bf16, and a pair step reads 4 vectors of 16 outputs.
 // Each row accumulates in float32 in the same order whatever the number of rows, so a row's result
@@ -28,24 +29,6 @@ int linear_bf16_supported() {
 #else
   return 0;
 #endif
-}
-
-// weight [n, k] bf16 (row stride w_row, inputs contiguous) into packed (see above; k even,
-// ceil(n / 64) * 64 * k elements).
-void linear_bf16_pack(const uint16_t* weight, int64_t w_row, int64_t n, int64_t k, uint16_t* packed) {
-  const int64_t groups = (n + kGroup - 1) / kGroup;
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t p = 0; p < k / 2; ++p)
-      for (int64_t lane = 0; lane < kGroup; ++lane) {
-        const int64_t o = g * kGroup + lane;
-        uint16_t* dst = packed + ((g * (k / 2) + p) * kGroup + lane) * 2;
-        if (o < n) {
-          dst[0] = weight[o * w_row + 2 * p];
-          dst[1] = weight[o * w_row + 2 * p + 1];
-        } else {
-          dst[0] = dst[1] = 0;
-        }
-      }
 }
 
 }  // extern "C"
