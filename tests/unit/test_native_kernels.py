@@ -98,6 +98,7 @@ def test_a_tiny_llama_with_64_wide_heads_decodes_the_stock_greedy_tokens(tmp_pat
     from transformers import AutoModelForCausalLM
 
     from runners.cpu_speedups import apply_cpu_speedups
+    from tests.support.greedy import greedy_tokens
     from tests.support.tiny_models import build_tiny_llama
 
     source = build_tiny_llama(tmp_path, hidden_size=256, layers=2, heads=4, dtype="bfloat16")
@@ -105,16 +106,7 @@ def test_a_tiny_llama_with_64_wide_heads_decodes_the_stock_greedy_tokens(tmp_pat
     fast = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
     assert "its C++ kernel" in apply_cpu_speedups(fast, batch_rows=1)
 
-    def greedy(model) -> list[int]:
-        tokens = [5, 9, 11, 40, 3, 17]
-        with torch.inference_mode():
-            out = model(input_ids=torch.tensor([tokens]))
-            for _ in range(16):
-                tokens.append(int(out.logits[0, -1].argmax()))
-                out = model(input_ids=torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values)
-        return tokens
-
-    assert greedy(fast) == greedy(stock)
+    assert greedy_tokens(fast) == greedy_tokens(stock)
 
 
 def test_builds_are_kept_per_machine_and_a_missing_compiler_leaves_the_torch_path(tmp_path) -> None:

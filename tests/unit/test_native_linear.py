@@ -139,6 +139,7 @@ def test_a_head_tied_to_the_embeddings_is_packed_once_with_them() -> None:
 def test_a_tied_llama_decodes_the_stock_greedy_tokens_from_one_copy(tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
+    from tests.support.greedy import greedy_tokens
     from tests.support.tiny_models import build_tiny_llama
 
     source = build_tiny_llama(tmp_path, hidden_size=128, layers=2, heads=4, dtype="bfloat16", tie_embeddings=True)
@@ -150,16 +151,7 @@ def test_a_tied_llama_decodes_the_stock_greedy_tokens_from_one_copy(tmp_path) ->
     padding = (-vocab % 64) * stock.config.hidden_size  # the packed head's last group
     assert sum(p.numel() for p in fast.parameters()) == sum(p.numel() for p in stock.parameters()) + padding
 
-    def greedy(model) -> list[int]:
-        tokens = [5, 9, 11, 40, 3, 17]
-        with torch.inference_mode():
-            out = model(input_ids=torch.tensor([tokens]))
-            for _ in range(16):
-                tokens.append(int(out.logits[0, -1].argmax()))
-                out = model(input_ids=torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values)
-        return tokens
-
-    assert greedy(fast) == greedy(stock)
+    assert greedy_tokens(fast) == greedy_tokens(stock)
 
 
 def test_the_engine_picks_the_kernel_on_one_thread_only(tmp_path) -> None:
